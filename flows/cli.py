@@ -1,0 +1,197 @@
+"""The ``mmp`` command line (contract in DESIGN.md / docs/cli.md).
+
+Exit code 0 on success; bad input gets one line naming the file or key and the reason, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmplatform: image-text data → model")
+data_app = typer.Typer(no_args_is_help=True, help="dataset commands")
+app.add_typer(data_app, name="data")
+
+SetOpt = Annotated[list[str] | None, typer.Option("-S", "--set", help="section.key=value, for this run")]
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _prefect_env(workdir: Path) -> None:
+    # Prefect reads its settings at import: keep its local API database inside the workspace.
+    os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
+    from mmplatform.config import ConfigError, load_params
+
+    params_file = workdir / "params.yaml"
+    try:
+        load_params(params_file, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not (workdir / "dvc.yaml").is_file():
+        _fail(f"{workdir}: no dvc.yaml here; run mmp from the project root or pass --workdir")
+    _prefect_env(workdir)
+    from flows.retrain import StageFailed, data_flow, retrain, train_flow
+
+    try:
+        if which == "retrain":
+            summary = retrain(str(workdir), overrides)
+            _report(summary)
+        else:
+            if overrides:
+                _fail("-S overrides are taken by `mmp run` / `mmp flow retrain`")
+            (data_flow if which == "data" else train_flow)(str(workdir))
+    except StageFailed as exc:
+        _fail(str(exc))
+
+
+def _report(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    t = Table(title="retrain")
+    t.add_column("stage")
+    t.add_column("status")
+    for r in summary.get("stages", []):
+        t.add_row(r["stage"], "ran" if r["ran"] else "skipped (unchanged)")
+    console.print(t)
+    m = summary.get("metrics") or {}
+    keys = ["t2i_recall@1", "t2i_recall@5", "i2t_recall@5", "cider_d_xe", "cider_d_rl", "bleu4_xe", "bleu4_rl"]
+    console.print("metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m))
+    reg = summary.get("registry") or {}
+    if reg:
+        console.print(f"registry: {reg.get('model_name')} v{reg.get('version')}: {reg.get('reason')}")
+    console.print(f"MLflow parent run: {summary.get('mlflow_parent_run_id')} (open it with `make ui`)")
+
+
+@app.command()
+def run(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+    """Run the whole retraining flow (data → train → RL → evaluate → register) on embedded defaults."""
+    _run_flow("retrain", workdir.resolve(), set_ or [])
+
+
+@app.command("flow")
+def flow_cmd(name: Annotated[str, typer.Argument(help="data | train | retrain")], set_: SetOpt = None,
+             workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+    """Run one flow."""
+    if name not in ("data", "train", "retrain"):
+        _fail(f"flow {name!r}: expected data, train or retrain")
+    _run_flow(name, workdir.resolve(), set_ or [])
+
+
+@app.command()
+def serve(cron: Annotated[str, typer.Option(help="cron schedule")] = "0 3 * * 0",
+          workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+    """Serve the retrain flow as a Prefect deployment on a cron schedule (needs a Prefect API)."""
+    wd = workdir.resolve()
+    _prefect_env(wd)
+    from flows.retrain import retrain
+
+    retrain.serve(name="scheduled-retrain", cron=cron, parameters={"workdir": str(wd)})
+
+
+@data_app.command("ingest")
+def data_ingest(fmt: Annotated[str, typer.Option("--format", help="synthetic | jsonl | csv")],
+                out: Annotated[Path, typer.Option(help="output dataset directory")],
+                path: Annotated[Path | None, typer.Option(help="manifest file")] = None,
+                images: Annotated[Path | None, typer.Option(help="image root")] = None) -> None:
+    """Ingest a source into a canonical dataset; bad records go to OUT/quarantine with a reason."""
+    from mmplatform.config import ConfigError, IngestParams
+    from mmplatform.data import stages
+
+    _logging()
+    try:
+        src = {"format": fmt, "path": str(path) if path else None, "images": str(images) if images else None}
+        p = IngestParams.model_validate({"sources": [src]})
+    except Exception as exc:  # pydantic error → one line
+        _fail(f"--format {fmt}: {str(exc).splitlines()[-1].strip()}")
+    if path is not None and not path.is_file():
+        _fail(f"{path}: manifest not found")
+    try:
+        stats = stages.ingest(p, out)
+    except (ConfigError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(stats))
+
+
+@data_app.command("clean")
+def data_clean(inp: Annotated[Path, typer.Argument(help="input dataset")],
+               out: Annotated[Path, typer.Argument(help="output dataset")]) -> None:
+    """Clean a dataset: kept → OUT, dropped → OUT/quarantine (with reason)."""
+    from mmplatform.config import CleanParams
+    from mmplatform.data import stages
+
+    _logging()
+    try:
+        stats = stages.clean(inp, out, CleanParams())
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(stats))
+
+
+@data_app.command("report")
+def data_report(path: Annotated[Path, typer.Argument(help="dataset directory")],
+                html: Annotated[Path | None, typer.Option(help="also write an HTML report")] = None) -> None:
+    """Counts per split and per quarantine reason of a dataset."""
+    from mmplatform.data.dataset import read_manifest
+
+    try:
+        m = read_manifest(path)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    summary = {k: m.get(k) for k in ("record_count", "splits", "quarantined", "quarantine_reasons", "stage")}
+    typer.echo(json.dumps(summary, indent=2))
+    if html:
+        rows = "".join(f"<tr><td>{k}</td><td>{json.dumps(v)}</td></tr>" for k, v in summary.items())
+        html.write_text(f"<html><body><h1>{path}</h1><table>{rows}</table></body></html>")
+
+
+@app.command()
+def ui(port: int = 5000) -> None:
+    """Open the MLflow UI on the embedded store (sqlite:///mlflow.db, artifacts in mlartifacts/)."""
+    from mmplatform import tracking
+
+    uri = tracking.tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="mmp", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:  # click usage errors
+        return int(exc.code or 0)
+    except Exception as exc:  # click.UsageError and friends: one line, not a traceback
+        import click
+
+        if isinstance(exc, click.ClickException):
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Prefect flows: ``data`` (ingest → annotate → clean → augment), ``train`` (train → rl_finetune →
+evaluate → register) and ``retrain`` (both, under one MLflow parent run).
+
+Each stage is a Prefect task that runs ``dvc repro <stage>`` in the workspace, so DVC decides what is
+stale and unchanged stages are skipped; stages run one at a time (one ``repro`` per workspace).
+Run: ``mmp run`` (Prefect's local API, nothing to start by hand) or ``mmp serve`` for a schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from mmplatform import tracking
+from mmplatform.config import apply_overrides, load_params, read_raw, validate
+
+DATA_STAGES = ("ingest", "annotate", "clean", "augment")
+TRAIN_STAGES = ("train", "rl_finetune", "evaluate", "register")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def stage_env(workdir: Path, parent_run_id: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Stage commands say `python`: make it this environment's interpreter whatever PATH the caller had.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MMP_WORKSPACE"] = str(workdir)
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if parent_run_id:
+        env[tracking.PARENT_ENV] = parent_run_id
+    run_id = flow_run.get_id()
+    if run_id:
+        env[tracking.FLOW_RUN_ENV] = str(run_id)
+    return env
+
+
+@task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
+def dvc_stage(stage: str, workdir: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run one DVC stage; its output streams into the Prefect log. A failed try is retried once (a
+    training stage resumes from its last checkpoint)."""
+    logger = get_run_logger()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: deque[str] = deque(maxlen=20)
+    ran = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail.append(line)
+        ran = ran or line.startswith(f"Running stage '{stage}'")
+        logger.info("%s", line)
+    if proc.wait() != 0:
+        errors = [ln for ln in tail if ln.startswith(("error:", "ERROR"))]
+        raise StageFailed(f"stage {stage} failed: {(errors or list(tail) or ['no output'])[-1]}")
+    return {"stage": stage, "ran": ran}
+
+
+@flow(name="data")
+def data_flow(workdir: str = ".", env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    env = env or stage_env(Path(workdir).resolve(), None)
+    return [dvc_stage(s, workdir, env) for s in DATA_STAGES]
+
+
+@flow(name="train")
+def train_flow(workdir: str = ".", env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    env = env or stage_env(Path(workdir).resolve(), None)
+    return [dvc_stage(s, workdir, env) for s in TRAIN_STAGES]
+
+
+@contextlib.contextmanager
+def overridden_params(path: Path, overrides: list[str]) -> Iterator[None]:
+    """Write the overrides into params.yaml for this run (DVC reads the file), then restore it."""
+    if not overrides:
+        yield
+        return
+    original = path.read_text()
+    raw = apply_overrides(read_raw(path), overrides)
+    validate(raw, str(path))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+@flow(name="retrain")
+def retrain(workdir: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The whole pipeline under one MLflow parent run tagged with code, data and flow-run lineage."""
+    import mlflow
+
+    wd = Path(workdir).resolve()
+    overrides = list(overrides or [])
+    load_params(wd / "params.yaml", overrides)  # fail fast, one line, before anything runs
+    os.environ["MMP_WORKSPACE"] = str(wd)
+    tracking.setup()
+    name = f"retrain-{flow_run.get_name() or 'local'}"
+    with overridden_params(wd / "params.yaml", overrides), mlflow.start_run(run_name=name) as parent:
+        mlflow.set_tags({"mmp.flow": "retrain", "prefect_flow_run_id": str(flow_run.get_id()),
+                         "overrides": " ".join(overrides) or "none"})
+        env = stage_env(wd, parent.info.run_id)
+        results = data_flow(str(wd), env) + train_flow(str(wd), env)
+        os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id())
+        mlflow.set_tags(tracking.lineage_tags() | {"stages_run": ",".join(r["stage"] for r in results if r["ran"])
+                                                   or "none"})
+        metrics_path = wd / "reports/eval/metrics.json"
+        summary: dict[str, Any] = {"stages": results, "mlflow_parent_run_id": parent.info.run_id}
+        if metrics_path.exists():
+            metrics = yaml.safe_load(metrics_path.read_text())
+            tracking.log_stats(metrics, "metrics.json")
+            summary["metrics"] = metrics
+        registry = wd / "reports/registry.json"
+        if registry.exists():
+            mlflow.log_artifact(str(registry))
+            summary["registry"] = yaml.safe_load(registry.read_text())
+    return summary

@@ -1,0 +1,213 @@
+"""Typed configuration: one pydantic model per ``params.yaml`` section.
+
+Unknown keys and bad values are rejected with :class:`ConfigError`, whose message is one line naming
+the key (``train.no_such_key: unknown key``). ``-S section.key=value`` overrides are parsed as YAML
+scalars and validated the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmplatform.rl.scst_config import SCSTConfig
+
+
+class ConfigError(ValueError):
+    """A bad params file or override; ``str()`` is one line naming the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- ingest
+class SyntheticParams(_Section):
+    seed: int = Field(0, description="RNG seed of the procedural scenes")
+    n_train: int = Field(8000, ge=1)
+    n_val: int = Field(500, ge=1)
+    n_test: int = Field(1000, ge=1)
+    n_test_compositional: int = Field(500, ge=0)
+    image_size: int = Field(64, ge=32, le=512)
+    captions_per_image: int = Field(5, ge=1, le=10)
+
+
+class SourceParams(_Section):
+    format: Literal["synthetic", "jsonl", "csv"] = "synthetic"
+    path: str | None = Field(None, description="manifest file (jsonl/csv)")
+    images: str | None = Field(None, description="image root; defaults to the manifest's folder")
+
+
+class IngestParams(_Section):
+    sources: list[SourceParams] = Field(default_factory=lambda: [SourceParams()])
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+
+
+# ----------------------------------------------------------------------------- annotate / clean / augment
+class AnnotateParams(_Section):
+    annotations_dir: str = Field("data/annotations", description="Label Studio exports picked up here")
+
+
+class CleanParams(_Section):
+    min_caption_words: int = Field(1, ge=1)
+    max_caption_words: int = Field(60, ge=1)
+    max_image_bytes: int = Field(20_000_000, ge=1)
+    max_pixels: int = Field(50_000_000, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class AugmentParams(_Section):
+    seed: int = 0
+    flip_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of train images given a mirrored copy")
+    jitter_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    contrast: float = Field(0.2, ge=0.0, le=1.0)
+    saturation: float = Field(0.2, ge=0.0, le=1.0)
+
+
+# ----------------------------------------------------------------------------- train
+class VisionParams(_Section):
+    arch: Literal["vit"] = "vit"
+    patch_size: int = Field(8, ge=2)
+    hidden_size: int = Field(128, ge=16)
+    layers: int = Field(3, ge=1)
+    heads: int = Field(4, ge=1)
+
+
+class TextParams(_Section):
+    arch: Literal["bert"] = "bert"
+    hidden_size: int = Field(128, ge=16)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    max_length: int = Field(48, ge=8)
+    vocab_size: int = Field(512, ge=32, description="WordPiece vocabulary trained on the training captions")
+
+
+class DecoderParams(_Section):
+    hidden_size: int = Field(128, ge=16)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+
+class LossWeights(_Section):
+    contrastive: float = Field(1.0, ge=0.0)
+    captioning: float = Field(1.0, ge=0.0)
+    itm: float = Field(0.5, ge=0.0, description="image-text matching on the fused pair, hard negatives")
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    embed_dim: int = Field(128, ge=8)
+    fusion: Literal["concat", "cross_attention"] = "cross_attention"
+    vision: VisionParams = Field(default_factory=VisionParams)
+    text: TextParams = Field(default_factory=TextParams)
+    decoder: DecoderParams = Field(default_factory=DecoderParams)
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    cpus_per_worker: int = Field(2, ge=1)
+    threads_per_worker: int = Field(0, ge=0, description="torch threads per worker; 0 = cpus_per_worker")
+
+
+# ----------------------------------------------------------------------------- evaluate / register
+# rl_finetune: SCSTConfig lives beside its trainer (mmplatform/rl/scst_config.py), as TRL does.
+class EvaluateParams(_Section):
+    split: str = "test"
+    batch_size: int = Field(256, ge=1)
+    max_length: int = Field(40, ge=4)
+    grid_images: int = Field(16, ge=0)
+
+
+class RegisterParams(_Section):
+    model_name: str = "mmplatform"
+    alias: str = "champion"
+    primary_metric: str = "t2i_recall@5"
+    min_improvement: float = Field(0.0, ge=0.0)
+
+
+class Params(_Section):
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    annotate: AnnotateParams = Field(default_factory=AnnotateParams)
+    clean: CleanParams = Field(default_factory=CleanParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    rl_finetune: SCSTConfig = Field(default_factory=SCSTConfig)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    # "register" would shadow BaseModel.register; the YAML key stays "register".
+    register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+
+
+def _one_line(err: ValidationError, where: str) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    reason = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {key}: {reason}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` → (["section", "key"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"override {key!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: bad value {raw!r}: {exc.__class__.__name__}") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each override set; unknown keys are caught by validation."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts)}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def validate(raw: dict[str, Any], where: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, where)) from None
+
+
+def read_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    raw = apply_overrides(read_raw(path), overrides or [])
+    return validate(raw, str(path))

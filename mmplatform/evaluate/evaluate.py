@@ -1,0 +1,138 @@
+"""Evaluation on the test split: retrieval both ways, captioning quality before and after RL, plots.
+
+Retrieval follows the COCO/OpenCLIP protocol: every caption of every test image queries the images
+(text→image: hit if its own image is in the top K), every image queries all captions (image→text: hit
+if any of its captions is in the top K); plus mean and median rank. Caption metrics are CIDEr-D (df
+from the test references, as pycocoevalcap computes it) and BLEU-4, for the cross-entropy model (xe)
+and the RL model (rl). The held-out colour–shape split reports the same with a ``_compositional`` suffix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmplatform.data.dataset import read_dataset
+from mmplatform.evaluate.captions import CiderD, bleu4
+from mmplatform.models.multimodal import MultimodalModel
+from mmplatform.models.tokenizer import load_tokenizer
+from mmplatform.rl.scst_trainer import greedy_captions
+from mmplatform.train.batches import decode_images, tokenize_captions
+
+log = logging.getLogger(__name__)
+KS = (1, 5, 10)
+
+
+def ranks_from_similarity(sim: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sim``: (captions, images); ``owner[j]``: image of caption j. Returns 0-based ranks:
+    text→image (rank of each caption's own image) and image→text (best rank among its captions)."""
+    own = sim.gather(1, owner[:, None])
+    t2i = (sim > own).sum(1)
+    simT = sim.T  # (images, captions)
+    n_img = sim.shape[1]
+    is_own = torch.zeros_like(simT, dtype=torch.bool)
+    is_own[owner, torch.arange(len(owner))] = True
+    best_own = simT.masked_fill(~is_own, float("-inf")).max(1).values
+    i2t = (simT > best_own[:, None]).sum(1)
+    assert i2t.shape[0] == n_img
+    return t2i, i2t
+
+
+def retrieval_metrics(t2i: torch.Tensor, i2t: torch.Tensor, suffix: str = "") -> dict[str, float]:
+    m: dict[str, float] = {}
+    for k in KS:
+        m[f"t2i_recall@{k}{suffix}"] = float((t2i < k).float().mean())
+        m[f"i2t_recall@{k}{suffix}"] = float((i2t < k).float().mean())
+    m[f"t2i_mean_rank{suffix}"] = float(t2i.float().mean() + 1)
+    m[f"t2i_median_rank{suffix}"] = float(t2i.float().median() + 1)
+    m[f"i2t_mean_rank{suffix}"] = float(i2t.float().mean() + 1)
+    m[f"i2t_median_rank{suffix}"] = float(i2t.float().median() + 1)
+    return m
+
+
+@torch.no_grad()
+def similarity(model: MultimodalModel, tokenizer, records: list[dict], batch: int = 256):
+    images = decode_images(records, model.cfg.image_size)
+    caps = tokenize_captions(tokenizer, records, model.cfg.max_length)
+    img = torch.cat([model.embed_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    txt = torch.cat([model.embed_texts(caps.ids[i:i + batch], caps.mask[i:i + batch])
+                     for i in range(0, len(caps.ids), batch)])
+    return txt @ img.T, caps.owner, images
+
+
+def caption_scores(candidates: list[str], refs: list[list[str]], tag: str, suffix: str = "") -> dict[str, float]:
+    return {f"cider_d_{tag}{suffix}": float(CiderD().score(candidates, refs).mean()),
+            f"bleu4_{tag}{suffix}": float(bleu4(candidates, refs))}
+
+
+def evaluate(xe_dir: str | Path, rl_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
+             split: str = "test", max_length: int = 40, grid_images: int = 16,
+             batch_size: int = 256) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xe = MultimodalModel.load(xe_dir)
+    rl = MultimodalModel.load(rl_dir)
+    tok = load_tokenizer(Path(rl_dir) / "tokenizer")
+    metrics: dict[str, Any] = {}
+    samples: list[dict] = []
+    for name, suffix in ((split, ""), ("test_compositional", "_compositional")):
+        recs = read_dataset(data_dir, split=name)
+        if not recs:
+            if not suffix:
+                raise ValueError(f"{data_dir}: no records in split {name!r}")
+            continue
+        sim, owner, images = similarity(rl, tok, recs, batch_size)
+        t2i, i2t = ranks_from_similarity(sim, owner)
+        metrics |= retrieval_metrics(t2i, i2t, suffix)
+        metrics[f"n_images{suffix}"] = len(recs)
+        metrics[f"n_captions{suffix}"] = len(owner)
+        metrics[f"chance_t2i_recall@5{suffix}"] = min(1.0, 5 / len(recs))
+        refs = [r["captions"] for r in recs]
+        caps_xe = greedy_captions(xe, tok, images, max_length, batch_size)
+        caps_rl = greedy_captions(rl, tok, images, max_length, batch_size)
+        metrics |= caption_scores(caps_xe, refs, "xe", suffix) | caption_scores(caps_rl, refs, "rl", suffix)
+        if not suffix:
+            write_recall_curve(t2i, i2t, out_dir / "recall_curve.csv")
+            samples = [{"image": recs[i]["image"], "xe": caps_xe[i], "rl": caps_rl[i], "ref": refs[i][0]}
+                       for i in range(min(grid_images, len(recs)))]
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if samples:
+        caption_grid(samples, out_dir / "caption_grid.png")
+    (out_dir / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "image"}
+                                                     for s in samples], indent=2))
+    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
+
+
+def write_recall_curve(t2i: torch.Tensor, i2t: torch.Tensor, path: Path) -> None:
+    lines = ["k,t2i_recall,i2t_recall"]
+    for k in (1, 2, 3, 5, 10, 20, 50, 100):
+        lines.append(f"{k},{float((t2i < k).float().mean()):.4f},{float((i2t < k).float().mean()):.4f}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def caption_grid(samples: list[dict], path: Path, cols: int = 4) -> None:
+    """Test images with their generated captions (xe and rl) and one reference, for auditors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = -(-len(samples) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 4.2, rows * 4.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, samples, strict=False):
+        ax.imshow(Image.open(io.BytesIO(s["image"])).convert("RGB"), interpolation="nearest")
+        text = "\n".join(textwrap.fill(f"{k}: {s[k]}", 42) for k in ("xe", "rl", "ref"))
+        ax.set_title(text, fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

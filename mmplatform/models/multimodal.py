@@ -1,0 +1,183 @@
+"""The multimodal model: two ``transformers`` encoders, a fusion module, and three heads.
+
+Composition, not inheritance (torchtune): ``MultimodalModel`` holds
+- ``vision``: a ``ViTModel`` built from a small config (any ViT config works);
+- ``text``: a ``BertModel`` built from a small config, fed by a locally trained WordPiece tokenizer;
+- ``fusion`` (:mod:`mmplatform.models.fusion`) + ``itm_head``: image-text matching on the fused pair;
+- projections + a learned temperature for contrastive alignment (CLIP; temperature init 0.07, clamped);
+- ``decoder``: a ``BertLMHeadModel`` with cross-attention over the projected image tokens, the captioner.
+
+Saved as ``model.safetensors`` + ``model_config.json`` + ``tokenizer/`` in one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import BertConfig, BertLMHeadModel, BertModel, ViTConfig, ViTModel
+
+from mmplatform.models.fusion import build_fusion
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_length: int = 48
+    decoder_hidden: int = 128
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    embed_dim: int = 128
+    fusion: str = "cross_attention"
+    extra: dict = field(default_factory=dict)
+
+
+def _no_dropout() -> dict:
+    # Small models on small synthetic data do not need dropout, and RL's sampled log-probs must match the
+    # policy that is being updated (dropout in train mode would make them differ).
+    return {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = ViTModel(ViTConfig(
+            image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
+            hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads, intermediate_size=4 * cfg.vision_hidden, **_no_dropout(),
+        ), add_pooling_layer=False)
+        self.text = BertModel(BertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_hidden,
+            max_position_embeddings=cfg.max_length, pad_token_id=cfg.pad_id, **_no_dropout(),
+        ), add_pooling_layer=False)
+        self.img_proj = nn.Linear(cfg.vision_hidden, cfg.embed_dim, bias=False)
+        self.txt_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.fusion = build_fusion(cfg.fusion, cfg.vision_hidden, cfg.text_hidden, cfg.embed_dim)
+        self.itm_head = nn.Linear(self.fusion.out_dim, 2)
+        self.memory_proj = nn.Linear(cfg.vision_hidden, cfg.decoder_hidden)
+        self.decoder = BertLMHeadModel(BertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.decoder_hidden, num_hidden_layers=cfg.decoder_layers,
+            num_attention_heads=cfg.decoder_heads, intermediate_size=4 * cfg.decoder_hidden,
+            max_position_embeddings=cfg.max_length + 2, pad_token_id=cfg.pad_id, is_decoder=True,
+            add_cross_attention=True, **_no_dropout(),
+        ))
+        # Images come in as uint8; normalise inside the model so every caller gets the same transform.
+        self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ encoders
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
+        return self.vision(pixel_values=x).last_hidden_state
+
+    def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.img_proj(tokens[:, 0]), dim=-1)
+
+    def embed_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.txt_proj(tokens[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_image_tokens(self.image_tokens(images))
+
+    @torch.no_grad()
+    def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.embed_text_tokens(self.text_tokens(ids, mask))
+
+    def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(self.fusion(img_tokens, txt_tokens, mask))
+
+    # ------------------------------------------------------------------ captioner
+    def memory(self, img_tokens: torch.Tensor) -> torch.Tensor:
+        return self.memory_proj(img_tokens)
+
+    def caption_logits(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits: position t predicts token t+1."""
+        return self.decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory).logits
+
+    def generate(self, memory: torch.Tensor, max_length: int, *, greedy: bool = True,
+                 temperature: float = 1.0, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode with the KV cache. Returns (tokens (B, T) after [CLS], ending in [SEP] then [PAD]s;
+        log-probs (B, T) of the chosen tokens, 0 after the end). Gradients flow when enabled."""
+        b = memory.shape[0]
+        cur = torch.full((b, 1), self.cfg.bos_id, dtype=torch.long, device=memory.device)
+        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
+        past, toks, logps = None, [], []
+        for _ in range(max_length):
+            out = self.decoder(input_ids=cur, encoder_hidden_states=memory, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            if greedy:
+                nxt = logp.argmax(-1)
+            else:
+                nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            lp = logp.gather(1, nxt[:, None]).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, self.cfg.pad_id), nxt)
+            toks.append(nxt)
+            logps.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | (nxt == self.cfg.eos_id)
+            cur = nxt[:, None]
+            if bool(done.all()):
+                break
+        return torch.stack(toks, 1), torch.stack(logps, 1)
+
+    def sequence_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One teacher-forced pass over ``tokens`` (as returned by :meth:`generate`), used for RL updates
+        and the KL to the reference. Returns (per-token log-probs (B, T), 0 after the episode;
+        full log-softmax (B, T, V); episode mask (B, T))."""
+        b = tokens.shape[0]
+        bos = torch.full((b, 1), self.cfg.bos_id, dtype=torch.long, device=tokens.device)
+        inp = torch.cat([bos, tokens[:, :-1]], 1)
+        valid = token_mask(tokens, self.cfg.eos_id, self.cfg.pad_id)
+        attn = torch.cat([torch.ones_like(bos), valid[:, :-1].long()], 1)
+        logits = self.caption_logits(memory, inp, attn).float()
+        logp = torch.log_softmax(logits, -1)
+        return logp.gather(2, tokens[:, :, None]).squeeze(2) * valid, logp, valid
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+        (path / "model_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MultimodalModel:
+        path = Path(path)
+        cfg = ModelConfig(**json.loads((path / "model_config.json").read_text()))
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model.eval()
+
+
+def token_mask(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1.0 up to and including the first [SEP] (the episode), 0.0 after it."""
+    is_eos = tokens == eos_id
+    after = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # >0 strictly after the first eos
+    return ((after == 0) & (tokens != pad_id)).float()

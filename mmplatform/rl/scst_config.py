@@ -1,0 +1,27 @@
+"""Config of self-critical sequence training (Rennie et al. 2017, "Self-critical Sequence Training for
+Image Captioning"); it is the ``rl_finetune`` section of params.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SCSTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    algorithm: Literal["scst"] = Field("scst", description="RL algorithm")
+    seed: int = Field(0, description="seed of sampling and batching")
+    steps: int = Field(150, ge=0, description="policy updates")
+    batch_size: int = Field(64, ge=2, description="images per update")
+    lr: float = Field(5e-5, gt=0.0, description="AdamW learning rate of the decoder")
+    max_length: int = Field(40, ge=4, description="longest episode, in tokens")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the episodes")
+    samples_per_image: int = Field(1, ge=1, description="sampled captions per image, each against the greedy one")
+    log_every: int = Field(10, ge=1, description="steps between held-out evaluations")
+    heldout_images: int = Field(200, ge=1, description="val images scored by the held-out reward")
+    reward: dict[str, float] = Field(default_factory=lambda: {"cider_d": 1.0},
+                                     description="reward name → weight (see mmplatform.rl.rewards)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    cpus_per_worker: int = Field(2, ge=1)

@@ -1,0 +1,175 @@
+"""Self-critical sequence training (SCST; Rennie et al. 2017) of the captioning decoder.
+
+An episode is one sampled caption. Its advantage is its reward minus the reward of the greedy caption
+of the same image (the "self-critical" baseline: no value network, and only samples that beat the
+test-time policy are reinforced). The vision encoder and the contrastive parts stay frozen, so
+retrieval is untouched; the decoder and its memory projection learn.
+
+Logged per step: reward mean/std (total and per reward), episode length in tokens, KL to the starting
+policy (sample estimate of E[log π − log π_ref]), token entropy, and a held-out reward (greedy
+captions of val images) beside the training reward, so reward hacking shows as the two diverging.
+
+Stage command: ``dvc repro rl_finetune`` (= ``python -m pipelines.rl_finetune``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmplatform.models.multimodal import MultimodalModel
+from mmplatform.models.tokenizer import load_tokenizer
+from mmplatform.rl.rewards import build_rewards
+from mmplatform.rl.scst_config import SCSTConfig
+from mmplatform.train.batches import decode_images
+
+log = logging.getLogger(__name__)
+
+
+def decode_text(tokenizer, tokens: torch.Tensor) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def greedy_captions(model: MultimodalModel, tokenizer, images: torch.Tensor, max_length: int,
+                    batch: int = 256) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(images), batch):
+        mem = model.memory(model.image_tokens(images[i:i + batch]))
+        toks, _ = model.generate(mem, max_length, greedy=True)
+        out.extend(decode_text(tokenizer, toks))
+    return out
+
+
+def trainable_parameters(model: MultimodalModel) -> list[torch.nn.Parameter]:
+    for q in model.parameters():
+        q.requires_grad_(False)
+    params = list(model.decoder.parameters()) + list(model.memory_proj.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    return params
+
+
+def scst_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point on each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from mmplatform import tracking
+    from mmplatform.data.dataset import read_dataset
+
+    cfg = SCSTConfig.model_validate(config["params"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed)
+
+    # ---------------------------------------------------------------- setup
+    model = MultimodalModel.load(config["base_dir"])
+    tokenizer = load_tokenizer(Path(config["base_dir"]) / "tokenizer")
+    reference = copy.deepcopy(model).eval()  # π_ref for the KL telemetry
+    for q in reference.parameters():
+        q.requires_grad_(False)
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    train_recs = read_dataset(config["data_dir"], split="train")
+    val_recs = read_dataset(config["data_dir"], split="val")[: cfg.heldout_images]
+    size = model.cfg.image_size
+    images = decode_images(train_recs, size)
+    refs = [r["captions"] for r in train_recs]
+    val_images = decode_images(val_recs, size)
+    val_refs = [r["captions"] for r in val_recs]
+    reward_fn = build_rewards(cfg.reward, refs)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    run_id = config.get("mlflow_run_id") if rank == 0 else None
+    k = cfg.samples_per_image
+
+    def heldout_reward() -> float:
+        model.eval()
+        caps = greedy_captions(model, tokenizer, val_images, cfg.max_length)
+        return float(reward_fn(caps, val_refs)["total"].mean())
+
+    start = heldout_reward()
+    history = [{"step": 0, "heldout_reward": start}]
+    tracking.log_metrics(run_id, {"rl/heldout_reward": start}, 0)
+    # ---------------------------------------------------------------- train
+    for step in range(1, cfg.steps + 1):
+        t0 = time.time()
+        idx = torch.randint(0, len(train_recs), (cfg.batch_size,), generator=gen)
+        batch_refs = [refs[i] for i in idx.tolist()]
+        with torch.no_grad():
+            img_tok = model.image_tokens(images[idx])  # frozen encoder: no graph needed
+            greedy_tok, _ = model.generate(model.memory(img_tok), cfg.max_length, greedy=True)
+            mem_k = model.memory(img_tok).repeat_interleave(k, 0)
+            sample_tok, _ = model.generate(mem_k, cfg.max_length, greedy=False,
+                                           temperature=cfg.temperature, generator=gen)
+        greedy_r = reward_fn(decode_text(tokenizer, greedy_tok), batch_refs)
+        sampled = decode_text(tokenizer, sample_tok)
+        sample_r = reward_fn(sampled, [r for r in batch_refs for _ in range(k)])
+        adv = torch.tensor(sample_r["total"] - np.repeat(greedy_r["total"], k), dtype=torch.float32)
+
+        memory = (ddp.module if hasattr(ddp, "module") else ddp).memory(img_tok).repeat_interleave(k, 0)
+        tok_logp, full_logp, valid = model.sequence_logprobs(memory, sample_tok)
+        # REINFORCE with the greedy baseline, averaged over tokens of the batch.
+        loss = -(adv[:, None] * tok_logp).sum() / valid.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+        with torch.no_grad():
+            ref_logp, _, _ = reference.sequence_logprobs(reference.memory(img_tok).repeat_interleave(k, 0),
+                                                         sample_tok)
+            n_tok = valid.sum().clamp(min=1)
+            kl = float(((tok_logp.detach() - ref_logp) * valid).sum() / n_tok)
+            entropy = float((-(full_logp.exp() * full_logp).sum(-1) * valid).sum() / n_tok)
+            lengths = valid.sum(1)
+        row = {
+            "rl/reward_mean": float(sample_r["total"].mean()), "rl/reward_std": float(sample_r["total"].std()),
+            "rl/greedy_reward_mean": float(greedy_r["total"].mean()),
+            "rl/advantage_mean": float(adv.mean()), "rl/loss": float(loss),
+            "rl/episode_length_mean": float(lengths.mean()), "rl/episode_length_min": float(lengths.min()),
+            "rl/episode_length_max": float(lengths.max()),
+            "rl/truncation_rate": float((~(sample_tok == model.cfg.eos_id).any(1)).float().mean()),
+            "rl/kl_to_reference": kl, "rl/entropy": entropy,
+            "rl/episodes_per_s": cfg.batch_size * k / (time.time() - t0),
+        }
+        for name, vals in sample_r.items():
+            if name != "total":
+                row[f"rl/reward_{name}_mean"] = float(vals.mean())
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row["rl/heldout_reward"] = heldout_reward()
+            history.append({"step": step, "heldout_reward": row["rl/heldout_reward"],
+                            "reward_mean": row["rl/reward_mean"], "kl": kl, "entropy": entropy})
+            log.info("step %d: %s", step, {k2: round(v, 4) for k2, v in row.items()})
+        tracking.log_metrics(run_id, row, step)
+    ray.train.report({"heldout_reward_start": start, "heldout_reward_end": history[-1]["heldout_reward"]})
+    if rank == 0:
+        model.save(config["out_dir"])
+        tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
+        import json
+
+        (Path(config["out_dir"]) / "rl_history.json").write_text(json.dumps(history, indent=2))
+
+
+def run_scst(cfg: SCSTConfig, *, base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+             cache_dir: str | Path, mlflow_run_id: str | None = None) -> list[dict]:
+    """Driver side: run SCST on Ray Train workers; returns the held-out history."""
+    import json
+
+    from mmplatform.compute import run_workers
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    config = {"params": cfg.model_dump(), "base_dir": str(Path(base_dir).resolve()),
+              "data_dir": str(Path(data_dir).resolve()), "out_dir": str(Path(out_dir).resolve()),
+              "mlflow_run_id": mlflow_run_id}
+    run_workers(scst_loop_per_worker, config, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                storage_path=Path(cache_dir) / "ray", name="rl_finetune")
+    return json.loads((Path(out_dir) / "rl_history.json").read_text())

@@ -1,0 +1,25 @@
+"""Shared plumbing of the stage entry points: params, logging, one-line errors, the MLflow child run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from mmplatform.config import ConfigError, Params, load_params
+
+
+def run_stage(stage: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m pipelines.{stage}")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        body(params)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        # A bad input is the user's to fix: one line naming what and why, no traceback.
+        sys.stderr.write(f"error: {stage}: {exc}\n")
+        return 2
+    return 0

@@ -1,0 +1,29 @@
+"""Stage register: new version of the registered model; champion alias only if it beats the champion."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mmplatform import tracking
+from mmplatform.config import Params
+from mmplatform.registry import register
+from pipelines._common import run_stage
+
+
+def body(p: Params) -> None:
+    with tracking.stage_run("register", p.register_.model_dump()):
+        metrics = json.loads(Path("reports/eval/metrics.json").read_text())
+        decision = register("models/rl", metrics, p.register_, out="reports/registry.json",
+                            tags=tracking.lineage_tags())
+        tracking.log_stats({"promoted": int(decision["promoted"]), "version": decision["version"]},
+                           "registry.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("register", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

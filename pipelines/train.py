@@ -1,0 +1,26 @@
+"""Stage train: multi-task training on Ray Train → ``models/base`` and ``reports/train/history.csv``."""
+
+from __future__ import annotations
+
+import sys
+
+from mmplatform import tracking
+from mmplatform.config import Params
+from mmplatform.train.recipe import run_training, write_history
+from pipelines._common import run_stage
+
+
+def body(p: Params) -> None:
+    with tracking.stage_run("train", p.train.model_dump()) as run:
+        history = run_training(p.train, train_dir="data/processed/augmented", val_dir="data/processed/clean",
+                               out_dir="models/base", cache_dir=".cache/mmp", mlflow_run_id=run.info.run_id)
+        write_history(history, "reports/train/history.csv")
+        tracking.log_stats({"epochs": len(history), **{f"final_{k}": v for k, v in history[-1].items()}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("train", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
