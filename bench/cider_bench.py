@@ -12,20 +12,13 @@ difference (and of the corpus mean).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
+from pycocoevalcap.cider.cider import Cider
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # run as a script from anywhere without installing the package
-    sys.path.insert(0, _ROOT)
-
-from pycocoevalcap.cider.cider import Cider  # noqa: E402
-
-from mmplatform.evaluate.captions import CiderD  # noqa: E402
+from mmplatform.evaluate.captions import CiderD
 
 
 def make_sets(n: int, n_refs: int, seed: int, vocab_size: int = 2000) -> tuple[list[str], list[list[str]]]:

@@ -37,10 +37,9 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
     Returns the Ray Train ``Result``; raises if training failed.
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import torch
 
     init_ray(max(os.cpu_count() or 1, num_workers * cpus_per_worker))
     use_gpu = torch.cuda.is_available()

@@ -63,7 +63,7 @@ class CleanParams(_Section):
 
 class AugmentParams(_Section):
     seed: int = 0
-    flip_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of train images given a mirrored copy")
+    flip_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of train images given a mirrored copy")
     jitter_fraction: float = Field(0.0, ge=0.0, le=1.0)
     brightness: float = Field(0.2, ge=0.0, le=1.0)
     contrast: float = Field(0.2, ge=0.0, le=1.0)
@@ -102,7 +102,7 @@ class LossWeights(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)

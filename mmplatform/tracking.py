@@ -77,7 +77,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
 
 
 def metric_name(key: str) -> str:
-    """MLflow names allow ``[\w./ :-]`` only: ``t2i_recall@5`` is logged as ``t2i_recall_at_5``."""
+    r"""MLflow names allow ``[\w./ :-]`` only: ``t2i_recall@5`` is logged as ``t2i_recall_at_5``."""
     return key.replace("@", "_at_")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from mmplatform.config import Params
 from mmplatform import tracking
+from mmplatform.config import Params
 from mmplatform.data import stages
 from pipelines._common import run_stage
 

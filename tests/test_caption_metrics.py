@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 # Make the repo importable when pytest is run via .venv/bin/pytest without an installed package.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from pycocoevalcap.cider.cider import Cider
 
-from pycocoevalcap.cider.cider import Cider  # noqa: E402
-
-from mmplatform.evaluate.captions import CiderD, bleu4, caption_metrics, tokenize  # noqa: E402
+from mmplatform.evaluate.captions import CiderD, bleu4, caption_metrics, tokenize
 
 REALISTIC_REFS = [
     [

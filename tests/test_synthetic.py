@@ -162,7 +162,7 @@ def test_vqa_answers_follow_scene_graph(records: list[dict]) -> None:
         objs = _objects(r)
         assert 4 <= len(r["questions"]) == len(r["answers"]) <= 6
         assert len(set(r["questions"])) == len(r["questions"])
-        for q, a in zip(r["questions"], r["answers"]):
+        for q, a in zip(r["questions"], r["answers"], strict=True):
             assert _answer(q, objs) == a, (q, a, objs)
             if a in ("yes", "no"):
                 yes_no[a] += 1

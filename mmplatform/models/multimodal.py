@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import BertConfig, BertLMHeadModel, BertModel, ViTConfig, ViTModel
 
@@ -163,8 +163,7 @@ class MultimodalModel(nn.Module):
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
+        save_model(self, str(path / "model.safetensors"))  # handles the decoder's tied embeddings
         (path / "model_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod
@@ -172,7 +171,7 @@ class MultimodalModel(nn.Module):
         path = Path(path)
         cfg = ModelConfig(**json.loads((path / "model_config.json").read_text()))
         model = cls(cfg)
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        load_model(model, str(path / "model.safetensors"))
         return model.eval()
 
 

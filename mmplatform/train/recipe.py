@@ -62,7 +62,7 @@ def lr_lambda(warmup: int, total: int):
 
 
 def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                   weights, gen: torch.Generator) -> dict[str, torch.Tensor]:
+                   weights, gen: torch.Generator, itm_pairs: int = 32) -> dict[str, torch.Tensor]:
     core = model.module if hasattr(model, "module") else model
     img_tok = core.image_tokens(images)
     txt_tok = core.text_tokens(ids, mask)
@@ -70,14 +70,16 @@ def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tens
     txt = core.embed_text_tokens(txt_tok)
     losses = {"contrastive": clip_loss(img, txt, core.logit_scale)}
     if weights.itm > 0:
+        # Negatives are mined over the whole batch, but only the first ``itm_pairs`` anchors are fused:
+        # the fusion pass over 3x the anchors is the costly part, and the ITM loss saturates early.
+        b = min(itm_pairs, images.shape[0])
         sim = img @ txt.T
-        neg_txt = sample_hard_negatives(sim, gen)      # hardest-ish caption for each image
-        neg_img = sample_hard_negatives(sim.T, gen)    # hardest-ish image for each caption
-        fused_img = torch.cat([img_tok, img_tok, img_tok[neg_img]])
-        fused_txt = torch.cat([txt_tok, txt_tok[neg_txt], txt_tok])
-        fused_mask = torch.cat([mask, mask[neg_txt], mask])
+        neg_txt = sample_hard_negatives(sim, gen)[:b]      # a hard caption for each image
+        neg_img = sample_hard_negatives(sim.T, gen)[:b]    # a hard image for each caption
+        fused_img = torch.cat([img_tok[:b], img_tok[:b], img_tok[neg_img]])
+        fused_txt = torch.cat([txt_tok[:b], txt_tok[neg_txt], txt_tok[:b]])
+        fused_mask = torch.cat([mask[:b], mask[neg_txt], mask[:b]])
         logits = core.itm_logits(fused_img, fused_txt, fused_mask)
-        b = images.shape[0]
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
         losses["itm"] = torch.nn.functional.cross_entropy(logits, labels)
     if weights.captioning > 0:
