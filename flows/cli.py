@@ -178,7 +178,8 @@ def _logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, prog_name="mmp", standalone_mode=False)
+        # Without standalone mode click returns the code of typer.Exit instead of raising it.
+        rc = app(args=argv, prog_name="mmp", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except SystemExit as exc:  # click usage errors
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             typer.echo(f"error: {exc.format_message()}", err=True)
             return 2
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

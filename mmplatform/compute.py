@@ -26,7 +26,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+        # The dashboard (loopback only) also serves the state API that Ray Train polls to clean up.
+        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
                  configure_logging=False)
 
 
@@ -52,3 +53,20 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
                              failure_config=FailureConfig(max_failures=2)),
     )
     return trainer.fit()
+
+
+def average_gradients(params) -> None:
+    """Data-parallel gradient averaging across the Ray Train process group (gloo on CPU, NCCL on GPU).
+
+    Our losses call sub-modules (encoders, decoder) directly rather than one ``forward``, which a DDP
+    wrapper would need to see to sync; an explicit all-reduce after ``backward`` gives the same update.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for q in params:
+        if q.grad is not None:
+            dist.all_reduce(q.grad)
+            q.grad /= world

@@ -168,6 +168,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: bad value {raw!r}: {exc.__class__.__name__}") from None
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; a user means the number
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
     return parts, value
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmplatform.compute import average_gradients
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer
 from mmplatform.rl.rewards import build_rewards
@@ -56,17 +57,69 @@ def trainable_parameters(model: MultimodalModel) -> list[torch.nn.Parameter]:
     return params
 
 
+def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.optim.Optimizer,
+                params: list[torch.nn.Parameter], images: torch.Tensor, batch_refs: list[list[str]],
+                reward_fn, tokenizer, cfg: SCSTConfig, gen: torch.Generator) -> dict[str, float]:
+    """One SCST policy update on a batch of images; returns the step's telemetry."""
+    k = cfg.samples_per_image
+    with torch.no_grad():
+        img_tok = model.image_tokens(images)  # frozen encoder: no graph needed
+        greedy_tok, _ = model.generate(model.memory(img_tok), cfg.max_length, greedy=True)
+        mem_k = model.memory(img_tok).repeat_interleave(k, 0)
+        sample_tok, _ = model.generate(mem_k, cfg.max_length, greedy=False, temperature=cfg.temperature,
+                                       generator=gen)
+    greedy_r = reward_fn(decode_text(tokenizer, greedy_tok), batch_refs)
+    sample_r = reward_fn(decode_text(tokenizer, sample_tok), [r for r in batch_refs for _ in range(k)])
+    rewards = sample_r["total"].reshape(-1, k)
+    if cfg.baseline == "loo":
+        # Leave-one-out: each sample is judged against the mean of the image's other k-1 samples
+        # (Luo 2020, "A Better Variant of Self-Critical Sequence Training"); advantages sum to zero per image.
+        baseline = (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
+    else:
+        baseline = np.repeat(greedy_r["total"][:, None], k, 1)  # Rennie et al. 2017: the greedy caption
+    adv = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32)
+
+    memory = model.memory(img_tok).repeat_interleave(k, 0)
+    tok_logp, full_logp, valid = model.sequence_logprobs(memory, sample_tok)
+    # REINFORCE with the greedy caption's reward as baseline, averaged over the tokens of the batch.
+    loss = -(adv[:, None] * tok_logp).sum() / valid.sum().clamp(min=1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+    with torch.no_grad():
+        ref_logp, _, _ = reference.sequence_logprobs(reference.memory(img_tok).repeat_interleave(k, 0), sample_tok)
+        n_tok = valid.sum().clamp(min=1)
+        lengths = valid.sum(1)
+        row = {
+            "rl/reward_mean": float(sample_r["total"].mean()), "rl/reward_std": float(sample_r["total"].std()),
+            "rl/greedy_reward_mean": float(greedy_r["total"].mean()), "rl/advantage_mean": float(adv.mean()),
+            "rl/loss": float(loss),
+            "rl/episode_length_mean": float(lengths.mean()), "rl/episode_length_min": float(lengths.min()),
+            "rl/episode_length_max": float(lengths.max()),
+            "rl/truncation_rate": float((~(sample_tok == model.cfg.eos_id).any(1)).float().mean()),
+            # Sample estimate of KL(π || π_ref) per token: E_π[log π − log π_ref].
+            "rl/kl_to_reference": float(((tok_logp.detach() - ref_logp) * valid).sum() / n_tok),
+            "rl/entropy": float((-(full_logp.exp() * full_logp).sum(-1) * valid).sum() / n_tok),
+        }
+    for name, vals in sample_r.items():
+        if name != "total":
+            row[f"rl/reward_{name}_mean"] = float(vals.mean())
+    return row
+
+
 def scst_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     import ray.train
-    import ray.train.torch
 
     from mmplatform import tracking
     from mmplatform.data.dataset import read_dataset
 
     cfg = SCSTConfig.model_validate(config["params"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
 
@@ -86,7 +139,6 @@ def scst_loop_per_worker(config: dict[str, Any]) -> None:
     val_images = decode_images(val_recs, size)
     val_refs = [r["captions"] for r in val_recs]
     reward_fn = build_rewards(cfg.reward, refs)
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     run_id = config.get("mlflow_run_id") if rank == 0 else None
     k = cfg.samples_per_image
@@ -103,47 +155,10 @@ def scst_loop_per_worker(config: dict[str, Any]) -> None:
     for step in range(1, cfg.steps + 1):
         t0 = time.time()
         idx = torch.randint(0, len(train_recs), (cfg.batch_size,), generator=gen)
-        batch_refs = [refs[i] for i in idx.tolist()]
-        with torch.no_grad():
-            img_tok = model.image_tokens(images[idx])  # frozen encoder: no graph needed
-            greedy_tok, _ = model.generate(model.memory(img_tok), cfg.max_length, greedy=True)
-            mem_k = model.memory(img_tok).repeat_interleave(k, 0)
-            sample_tok, _ = model.generate(mem_k, cfg.max_length, greedy=False,
-                                           temperature=cfg.temperature, generator=gen)
-        greedy_r = reward_fn(decode_text(tokenizer, greedy_tok), batch_refs)
-        sampled = decode_text(tokenizer, sample_tok)
-        sample_r = reward_fn(sampled, [r for r in batch_refs for _ in range(k)])
-        adv = torch.tensor(sample_r["total"] - np.repeat(greedy_r["total"], k), dtype=torch.float32)
-
-        memory = (ddp.module if hasattr(ddp, "module") else ddp).memory(img_tok).repeat_interleave(k, 0)
-        tok_logp, full_logp, valid = model.sequence_logprobs(memory, sample_tok)
-        # REINFORCE with the greedy baseline, averaged over tokens of the batch.
-        loss = -(adv[:, None] * tok_logp).sum() / valid.sum().clamp(min=1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-        with torch.no_grad():
-            ref_logp, _, _ = reference.sequence_logprobs(reference.memory(img_tok).repeat_interleave(k, 0),
-                                                         sample_tok)
-            n_tok = valid.sum().clamp(min=1)
-            kl = float(((tok_logp.detach() - ref_logp) * valid).sum() / n_tok)
-            entropy = float((-(full_logp.exp() * full_logp).sum(-1) * valid).sum() / n_tok)
-            lengths = valid.sum(1)
-        row = {
-            "rl/reward_mean": float(sample_r["total"].mean()), "rl/reward_std": float(sample_r["total"].std()),
-            "rl/greedy_reward_mean": float(greedy_r["total"].mean()),
-            "rl/advantage_mean": float(adv.mean()), "rl/loss": float(loss),
-            "rl/episode_length_mean": float(lengths.mean()), "rl/episode_length_min": float(lengths.min()),
-            "rl/episode_length_max": float(lengths.max()),
-            "rl/truncation_rate": float((~(sample_tok == model.cfg.eos_id).any(1)).float().mean()),
-            "rl/kl_to_reference": kl, "rl/entropy": entropy,
-            "rl/episodes_per_s": cfg.batch_size * k / (time.time() - t0),
-        }
-        for name, vals in sample_r.items():
-            if name != "total":
-                row[f"rl/reward_{name}_mean"] = float(vals.mean())
+        row = scst_update(model, reference, opt, params, images[idx], [refs[i] for i in idx.tolist()],
+                          reward_fn, tokenizer, cfg, gen)
+        row["rl/episodes_per_s"] = cfg.batch_size * k / (time.time() - t0)
+        kl, entropy = row["rl/kl_to_reference"], row["rl/entropy"]
         if step % cfg.log_every == 0 or step == cfg.steps:
             row["rl/heldout_reward"] = heldout_reward()
             history.append({"step": step, "heldout_reward": row["rl/heldout_reward"],

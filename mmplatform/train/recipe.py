@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmplatform.compute import average_gradients
 from mmplatform.config import TrainParams
 from mmplatform.models.losses import MAX_LOGIT_SCALE, caption_loss, clip_loss, sample_hard_negatives
 from mmplatform.models.multimodal import ModelConfig, MultimodalModel
@@ -63,7 +64,7 @@ def lr_lambda(warmup: int, total: int):
 
 def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                    weights, gen: torch.Generator, itm_pairs: int = 32) -> dict[str, torch.Tensor]:
-    core = model.module if hasattr(model, "module") else model
+    core = model
     img_tok = core.image_tokens(images)
     txt_tok = core.text_tokens(ids, mask)
     img = core.embed_image_tokens(img_tok)
@@ -107,7 +108,6 @@ def recall_at_1(model: MultimodalModel, images: torch.Tensor, ids: torch.Tensor,
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     import ray.train
-    import ray.train.torch
     from torch import distributed as dist
 
     from mmplatform import tracking
@@ -151,9 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("resumed from %s at epoch %d", ckpt_dir / CKPT, start_epoch)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    core = model.module if hasattr(model, "module") else model
+    core = model
     gen = torch.Generator().manual_seed(p.seed * 1000 + rank)
     run_id = config.get("mlflow_run_id") if rank == 0 else None
 
@@ -170,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             losses = multitask_loss(model, images[idx], ids, mask, p.loss_weights, gen)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
+            average_gradients(model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()

@@ -1,0 +1,100 @@
+"""Typed params: the shipped file loads, bad keys and values stop with one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmplatform.config import ConfigError, Params, apply_overrides, load_params, parse_override, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load_and_match_defaults():
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.model_dump(by_alias=True) == Params().model_dump(by_alias=True), \
+        "params.yaml and the typed defaults in mmplatform/config.py have drifted apart"
+
+
+def test_every_params_key_named_in_dvc_yaml_exists():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    named = [k for s in stages.values() for k in s.get("params", [])]
+    assert named
+    for key in named:
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"dvc.yaml names {key}, missing in params.yaml"
+            node = node[part]
+
+
+def test_each_stage_reads_only_its_own_section():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, s in stages.items():
+        assert {k.split(".")[0] for k in s.get("params", [])} <= {name}, name
+        assert f"pipelines/{name}.py" in s["deps"], f"{name} does not list its own code"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"no_such_key": 1}}, "params.yaml: train.no_such_key: unknown key"),
+        ({"nosection": {}}, "params.yaml: nosection: unknown key"),
+        ({"train": {"vision": {"layerz": 2}}}, "params.yaml: train.vision.layerz: unknown key"),
+    ],
+)
+def test_unknown_keys_rejected_with_one_line(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    assert str(info.value) == expected
+    assert "\n" not in str(info.value)
+
+
+def test_bad_values_rejected_naming_key():
+    with pytest.raises(ConfigError, match=r"^params.yaml: train.lr: .*number"):
+        validate({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"^params.yaml: train.fusion: "):
+        validate({"train": {"fusion": "telepathy"}})
+    with pytest.raises(ConfigError, match=r"^params.yaml: clean.val_fraction: "):
+        validate({"clean": {"val_fraction": 1.5}})
+
+
+def test_overrides_are_typed_and_validated():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("train.fusion=concat") == (["train", "fusion"], "concat")
+    raw = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=0.5", "train.vision.layers=1"])
+    p = validate(raw)
+    assert p.train.lr == 0.5 and p.train.vision.layers == 1
+    with pytest.raises(ConfigError):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="train.no_such_key: unknown key"):
+        load_params(ROOT / "params.yaml", ["train.no_such_key=1"])
+
+
+def test_cli_rejects_unknown_override_with_one_line(capsys):
+    from flows.cli import main
+
+    rc = main(["run", "--workdir", str(ROOT), "-S", "train.no_such_key=1"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.count("\n") == 0 and "train.no_such_key" in err, err
+
+
+def test_missing_params_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_each_stage_lists_every_key_of_its_section():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, s in stages.items():
+        listed = {k.split(".", 1)[1] for k in s.get("params", [])}
+        assert listed == set(params[name]), f"{name}: dvc.yaml lists {sorted(listed)}"
