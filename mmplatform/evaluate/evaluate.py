@@ -126,13 +126,15 @@ def caption_grid(samples: list[dict], path: Path, cols: int = 4) -> None:
     from PIL import Image
 
     rows = -(-len(samples) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 4.2, rows * 4.6), squeeze=False)
+    # Captions go under each image, in a band as tall as the image, so long captions never overlap.
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.6, rows * 5.6), squeeze=False,
+                             gridspec_kw={"hspace": 1.1, "wspace": 0.15})
     for ax in axes.flat:
         ax.axis("off")
     for ax, s in zip(axes.flat, samples, strict=False):
         ax.imshow(Image.open(io.BytesIO(s["image"])).convert("RGB"), interpolation="nearest")
-        text = "\n".join(textwrap.fill(f"{k}: {s[k]}", 42) for k in ("xe", "rl", "ref"))
-        ax.set_title(text, fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+        text = "\n".join(textwrap.fill(f"{k}: {s[k]}", 48) for k in ("xe", "rl", "ref"))
+        ax.text(0.0, -0.04, text, transform=ax.transAxes, va="top", ha="left", fontsize=6.5, family="monospace")
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.08)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
