@@ -15,6 +15,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+if not os.environ.get("RAY_ADDRESS"):
+    # Loopback only: an in-process Ray serves this machine, so it should not listen on the network.
+    # Ray reads this flag at import (it names Windows/macOS, where loopback is its default) and then
+    # binds its node to 127.0.0.1 instead of the machine's outward address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     import ray
@@ -27,8 +33,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard (loopback only) also serves the state API that Ray Train polls to clean up.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True,
-                 configure_logging=False)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True, configure_logging=False)
 
 
 def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cpus_per_worker: int,

@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # ------------------------------------------------------------ save_checkpoint
         if rank == 0:
             save_checkpoint(ckpt_dir, core, opt, sched, epoch, history)
+        _maybe_inject_fault(config, epoch, ckpt_dir)
         # Our own checkpoint (above) is what a restarted worker group or a re-run stage resumes from,
         # so Ray only gets the metrics.
         ray.train.report(dict(row))
@@ -205,6 +206,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         core.save(config["out_dir"])
         tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
+
+
+def _maybe_inject_fault(config: dict[str, Any], epoch: int, ckpt_dir: Path) -> None:
+    """Test hook: kill this worker once, after the checkpoint of epoch ``fault_inject_epoch``, so tests
+    can check that Ray restarts the worker group and training resumes without losing or repeating a step."""
+    marker = ckpt_dir / "fault_injected"
+    if config.get("fault_inject_epoch") == epoch and not marker.exists():
+        marker.write_text(str(epoch))
+        raise RuntimeError(f"injected fault after epoch {epoch}")
 
 
 def save_checkpoint(ckpt_dir: Path, model, opt, sched, epoch: int, history: list) -> None:
@@ -221,7 +231,8 @@ def read_history(ckpt_dir: str | Path) -> list[dict]:
 
 
 def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, out_dir: str | Path,
-                 cache_dir: str | Path, mlflow_run_id: str | None = None) -> list[dict]:
+                 cache_dir: str | Path, mlflow_run_id: str | None = None,
+                 fault_inject_epoch: int | None = None) -> list[dict]:
     """Driver side: train the tokenizer, pick the resume directory, run the workers, return history.
 
     The checkpoint directory is keyed by the params and the training data's content hash, so a re-run
@@ -250,7 +261,8 @@ def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
     config = {"params": p.model_dump(), "tokenizer_dir": str(tok_dir.resolve()),
               "train_dir": str(Path(train_dir).resolve()), "val_dir": str(Path(val_dir).resolve()),
               "out_dir": str(out_dir.resolve()), "ckpt_dir": str(ckpt_dir.resolve()),
-              "image_size": image_size, "mlflow_run_id": mlflow_run_id}
+              "image_size": image_size, "mlflow_run_id": mlflow_run_id,
+              "fault_inject_epoch": fault_inject_epoch}
     run_workers(train_loop_per_worker, config, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker,
                 storage_path=Path(cache_dir) / "ray", name=f"train-{key}")
     return read_history(ckpt_dir)
