@@ -56,7 +56,7 @@ def test_scst_raises_reward_on_tiny_task():
         return float(reward_fn(greedy_captions(model, tok, images, cfg.max_length), refs)["total"].mean())
 
     start = greedy_reward()
-    rows = [scst_update(model, reference, opt, params, images, refs, reward_fn, tok, cfg, gen) for _ in range(40)]
+    rows = [scst_update(model, reference, opt, params, images, refs, reward_fn, tok, cfg, gen) for _ in range(80)]
     end = greedy_reward()
     assert end > 1.2 * start, (start, end)
     for key in ("rl/reward_std", "rl/episode_length_mean", "rl/kl_to_reference", "rl/entropy",

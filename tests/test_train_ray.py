@@ -33,4 +33,4 @@ def test_worker_failure_resumes_from_checkpoint_without_losing_or_repeating_epoc
     # A re-run of the stage (e.g. after the driver died) resumes: nothing left to train, same history.
     again = run_training(p, train_dir=data, val_dir=data, out_dir=tmp_path / "model2", cache_dir=cache)
     assert again == history
-    assert len(read_dataset(data)) == 98 and list(cache.glob(f"train-*/{CKPT}"))
+    assert len(read_dataset(data)) == 114 and list(cache.glob(f"train-*/{CKPT}"))

@@ -41,7 +41,7 @@ def test_multitask_training_lowers_loss_and_changes_weights(tiny_data, fusion):
     cap_idx = torch.tensor([r[0] for r in rows])  # fixed batch: the loss on it must fall
     ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
     losses = []
-    for _ in range(25):
+    for _ in range(40):
         out = multitask_loss(model, images[idx], ids, mask, p.loss_weights, gen)
         opt.zero_grad()
         out["total"].backward()

@@ -46,7 +46,8 @@ class ModelConfig:
     decoder_heads: int = 4
     embed_dim: int = 128
     fusion: str = "cross_attention"
-    extra: dict = field(default_factory=dict)
+    # Special tokens the captioner may never emit ([PAD], [CLS], [MASK], [UNK]); [SEP] ends a caption.
+    banned_ids: list[int] = field(default_factory=list)
 
 
 def _no_dropout() -> dict:
@@ -118,6 +119,11 @@ class MultimodalModel(nn.Module):
         """Teacher-forced logits: position t predicts token t+1."""
         return self.decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory).logits
 
+    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.banned_ids:
+            return logits
+        return logits.index_fill(-1, torch.tensor(self.cfg.banned_ids, device=logits.device), float("-inf"))
+
     def generate(self, memory: torch.Tensor, max_length: int, *, greedy: bool = True,
                  temperature: float = 1.0, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +136,7 @@ class MultimodalModel(nn.Module):
         for _ in range(max_length):
             out = self.decoder(input_ids=cur, encoder_hidden_states=memory, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            logp = torch.log_softmax(self._allowed(out.logits[:, -1].float()) / temperature, dim=-1)
             if greedy:
                 nxt = logp.argmax(-1)
             else:
@@ -155,9 +161,11 @@ class MultimodalModel(nn.Module):
         inp = torch.cat([bos, tokens[:, :-1]], 1)
         valid = token_mask(tokens, self.cfg.eos_id, self.cfg.pad_id)
         attn = torch.cat([torch.ones_like(bos), valid[:, :-1].long()], 1)
-        logits = self.caption_logits(memory, inp, attn).float()
+        logits = self._allowed(self.caption_logits(memory, inp, attn).float())
         logp = torch.log_softmax(logits, -1)
-        return logp.gather(2, tokens[:, :, None]).squeeze(2) * valid, logp, valid
+        chosen = logp.gather(2, tokens[:, :, None]).squeeze(2)
+        # where, not multiply: padding after the episode is a banned token (log-prob -inf) and -inf * 0 = nan
+        return torch.where(valid > 0, chosen, torch.zeros_like(chosen)), logp, valid
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:

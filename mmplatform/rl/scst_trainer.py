@@ -102,7 +102,7 @@ def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
             "rl/truncation_rate": float((~(sample_tok == model.cfg.eos_id).any(1)).float().mean()),
             # Sample estimate of KL(π || π_ref) per token: E_π[log π − log π_ref].
             "rl/kl_to_reference": float(((tok_logp.detach() - ref_logp) * valid).sum() / n_tok),
-            "rl/entropy": float((-(full_logp.exp() * full_logp).sum(-1) * valid).sum() / n_tok),
+            "rl/entropy": float((torch.special.entr(full_logp.exp()).sum(-1) * valid).sum() / n_tok),
         }
     for name, vals in sample_r.items():
         if name != "total":

@@ -43,6 +43,8 @@ def model_config(p: TrainParams, tokenizer, image_size: int) -> ModelConfig:
         max_length=p.text.max_length, decoder_hidden=p.decoder.hidden_size,
         decoder_layers=p.decoder.layers, decoder_heads=p.decoder.heads, embed_dim=p.embed_dim,
         fusion=p.fusion,
+        banned_ids=sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id,
+                           tokenizer.unk_token_id}),
     )
 
 
