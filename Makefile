@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 .PHONY: run test test-fast lint ui clean-workspace venv
 
 # (Re)create the environment only when the lock or the project metadata changed.
+# --no-deps: the lock is the whole, exact dependency set (torch 2.13.0 CPU wheel included), so nothing
+# can pull a different torch or FastAPI; no resolver, same versions every time.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# --no-deps: the lock is the whole, exact dependency set (torch 2.13.0 CPU wheel included), so nothing
-	# can pull a different torch or FastAPI; no resolver, same versions every time.
 	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

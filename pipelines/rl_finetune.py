@@ -16,8 +16,9 @@ def body(p: Params) -> None:
         history = run_scst(p.rl_finetune, base_dir="models/base", data_dir="data/processed/clean",
                            out_dir="models/rl", cache_dir=".cache/mmp", mlflow_run_id=run.info.run_id)
         write_history(history, "reports/rl/history.csv")
+        selected = next(h for h in history if h["selected"])
         tracking.log_stats({"heldout_reward_start": history[0]["heldout_reward"],
-                            "heldout_reward_end": history[-1]["heldout_reward"]})
+                            "heldout_reward_selected": selected["heldout_reward"], "selected_step": selected["step"]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,6 +150,9 @@ def scst_loop_per_worker(config: dict[str, Any]) -> None:
 
     start = heldout_reward()
     history = [{"step": 0, "heldout_reward": start}]
+    # Model selection on the held-out (val) reward: keep the best policy seen, as one keeps the best
+    # validation checkpoint in supervised training; RL rewards are noisy from one evaluation to the next.
+    best = {"step": 0, "reward": start, "state": copy.deepcopy(model.state_dict())}
     tracking.log_metrics(run_id, {"rl/heldout_reward": start}, 0)
     # ---------------------------------------------------------------- train
     for step in range(1, cfg.steps + 1):
@@ -163,9 +166,15 @@ def scst_loop_per_worker(config: dict[str, Any]) -> None:
             row["rl/heldout_reward"] = heldout_reward()
             history.append({"step": step, "heldout_reward": row["rl/heldout_reward"],
                             "reward_mean": row["rl/reward_mean"], "kl": kl, "entropy": entropy})
+            if row["rl/heldout_reward"] > best["reward"]:
+                best = {"step": step, "reward": row["rl/heldout_reward"], "state": copy.deepcopy(model.state_dict())}
             log.info("step %d: %s", step, {k2: round(v, 4) for k2, v in row.items()})
         tracking.log_metrics(run_id, row, step)
-    ray.train.report({"heldout_reward_start": start, "heldout_reward_end": history[-1]["heldout_reward"]})
+    model.load_state_dict(best["state"])
+    for row in history:
+        row["selected"] = int(row["step"] == best["step"])
+    log.info("selected the policy of step %d (held-out reward %.4f, start %.4f)", best["step"], best["reward"], start)
+    ray.train.report({"heldout_reward_start": start, "heldout_reward_best": best["reward"], "best_step": best["step"]})
     if rank == 0:
         model.save(config["out_dir"])
         tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
