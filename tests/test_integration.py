@@ -32,6 +32,19 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
     decision = json.loads((ws / "reports/registry.json").read_text())
     assert decision["promoted"] is True
 
+    # The registered champion serves: captions for images, embeddings for texts.
+    import mlflow
+    import pandas as pd
+
+    from mmplatform.data.dataset import read_dataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/mmplatform@champion")
+    test = read_dataset(ws / "data/processed/clean", split="test")[:2]
+    captions = served.predict(pd.DataFrame({"image": [r["image"] for r in test]}))
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+    assert served.predict(pd.DataFrame({"text": ["a red circle"]})).shape == (1, 64)
+
     # Lineage on the parent run: git commit, DVC data hashes, Prefect flow run id; children per stage.
     parents = client.search_runs([client.get_experiment_by_name("mmplatform").experiment_id],
                                  filter_string="tags.`mmp.flow` = 'retrain'")
