@@ -9,6 +9,7 @@ Run: ``mmp run`` (Prefect's local API, nothing to start by hand) or ``mmp serve`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -119,11 +120,11 @@ def retrain(workdir: str = ".", overrides: list[str] | None = None) -> dict[str,
         metrics_path = wd / "reports/eval/metrics.json"
         summary: dict[str, Any] = {"stages": results, "mlflow_parent_run_id": parent.info.run_id}
         if metrics_path.exists():
-            metrics = yaml.safe_load(metrics_path.read_text())
+            metrics = json.loads(metrics_path.read_text())
             tracking.log_stats(metrics, "metrics.json")
             summary["metrics"] = metrics
         registry = wd / "reports/registry.json"
         if registry.exists():
             mlflow.log_artifact(str(registry))
-            summary["registry"] = yaml.safe_load(registry.read_text())
+            summary["registry"] = json.loads(registry.read_text())
     return summary

@@ -38,7 +38,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cpus_per_worker: int,
                 storage_path: str | Path, name: str) -> Any:
-    """Run ``fn(config)`` on ``num_workers`` Ray Train workers (DDP over gloo on CPU, NCCL on GPU).
+    """Run ``fn(config)`` on ``num_workers`` Ray Train workers (the process group is gloo on CPU, NCCL on GPU).
 
     Returns the Ray Train ``Result``; raises if training failed.
     """

@@ -113,7 +113,7 @@ class TrainParams(_Section):
     text: TextParams = Field(default_factory=TextParams)
     decoder: DecoderParams = Field(default_factory=DecoderParams)
     loss_weights: LossWeights = Field(default_factory=LossWeights)
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel, gradients all-reduced)")
     cpus_per_worker: int = Field(2, ge=1)
     threads_per_worker: int = Field(0, ge=0, description="torch threads per worker; 0 = cpus_per_worker")
 

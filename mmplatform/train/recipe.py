@@ -1,6 +1,7 @@
 """Multi-task training recipe: contrastive alignment + image-text matching + captioning.
 
-Runs on Ray Train workers (``TorchTrainer``; DDP when ``train.num_workers`` > 1). Stage command:
+Runs on Ray Train workers (``TorchTrainer``; data-parallel when ``train.num_workers`` > 1, gradients
+all-reduced after each backward, see ``compute.average_gradients``). Stage command:
 ``dvc repro train`` (= ``python -m pipelines.train``). Read top to bottom:
 
 1. ``setup``   — seed, threads, decode images once, tokenize captions, build the model, resume;
@@ -66,12 +67,11 @@ def lr_lambda(warmup: int, total: int):
 
 def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                    weights, gen: torch.Generator, itm_pairs: int = 32) -> dict[str, torch.Tensor]:
-    core = model
-    img_tok = core.image_tokens(images)
-    txt_tok = core.text_tokens(ids, mask)
-    img = core.embed_image_tokens(img_tok)
-    txt = core.embed_text_tokens(txt_tok)
-    losses = {"contrastive": clip_loss(img, txt, core.logit_scale)}
+    img_tok = model.image_tokens(images)
+    txt_tok = model.text_tokens(ids, mask)
+    img = model.embed_image_tokens(img_tok)
+    txt = model.embed_text_tokens(txt_tok)
+    losses = {"contrastive": clip_loss(img, txt, model.logit_scale)}
     if weights.itm > 0:
         # Negatives are mined over the whole batch, but only the first ``itm_pairs`` anchors are fused:
         # the fusion pass over 3x the anchors is the costly part, and the ITM loss saturates early.
@@ -82,12 +82,12 @@ def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tens
         fused_img = torch.cat([img_tok[:b], img_tok[:b], img_tok[neg_img]])
         fused_txt = torch.cat([txt_tok[:b], txt_tok[neg_txt], txt_tok[:b]])
         fused_mask = torch.cat([mask[:b], mask[neg_txt], mask[:b]])
-        logits = core.itm_logits(fused_img, fused_txt, fused_mask)
+        logits = model.itm_logits(fused_img, fused_txt, fused_mask)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
         losses["itm"] = torch.nn.functional.cross_entropy(logits, labels)
     if weights.captioning > 0:
-        logits = core.caption_logits(core.memory(img_tok), ids[:, :-1], mask[:, :-1])
-        losses["captioning"] = caption_loss(logits, ids[:, 1:], core.cfg.pad_id)
+        logits = model.caption_logits(model.memory(img_tok), ids[:, :-1], mask[:, :-1])
+        losses["captioning"] = caption_loss(logits, ids[:, 1:], model.cfg.pad_id)
     losses["total"] = sum(getattr(weights, k) * v for k, v in losses.items())
     return losses
 
@@ -153,7 +153,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("resumed from %s at epoch %d", ckpt_dir / CKPT, start_epoch)
-    core = model
     gen = torch.Generator().manual_seed(p.seed * 1000 + rank)
     run_id = config.get("mlflow_run_id") if rank == 0 else None
 
@@ -175,20 +174,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             with torch.no_grad():  # OpenCLIP clamps the parameter itself, not only its use
-                core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             gstep = epoch * steps_per_epoch + step
             if step % 20 == 0:
                 tracking.log_metrics(run_id, {f"train/{k}": float(v) for k, v in losses.items()}
                                      | {"train/lr": sched.get_last_lr()[0],
-                                        "train/logit_scale": float(core.logit_scale.exp())}, gstep)
+                                        "train/logit_scale": float(model.logit_scale.exp())}, gstep)
         # ------------------------------------------------------------ validate
         model.eval()
         with torch.no_grad():
-            vl = multitask_loss(core, val_images[:256], val_caps.ids[val_first[:256]],
+            vl = multitask_loss(model, val_images[:256], val_caps.ids[val_first[:256]],
                                 val_caps.mask[val_first[:256]], p.loss_weights, torch.Generator().manual_seed(0))
-            r1 = recall_at_1(core, val_images, val_caps.ids[val_first], val_caps.mask[val_first])
+            r1 = recall_at_1(model, val_images, val_caps.ids[val_first], val_caps.mask[val_first])
         row = {"epoch": epoch, "seconds": time.time() - t0,
                **{f"train_{k}": v / max(1, steps_per_epoch) for k, v in sums.items()},
                **{f"val_{k}": float(v) for k, v in vl.items()}, "val_t2i_recall@1": r1}
@@ -197,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, epoch)
         # ------------------------------------------------------------ save_checkpoint
         if rank == 0:
-            save_checkpoint(ckpt_dir, core, opt, sched, epoch, history)
+            save_checkpoint(ckpt_dir, model, opt, sched, epoch, history)
         _maybe_inject_fault(config, epoch, ckpt_dir)
         # Our own checkpoint (above) is what a restarted worker group or a re-run stage resumes from,
         # so Ray only gets the metrics.
@@ -206,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.barrier()
 
     if rank == 0:
-        core.save(config["out_dir"])
+        model.save(config["out_dir"])
         tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
 
 
