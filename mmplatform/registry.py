@@ -34,7 +34,7 @@ class MMPlatformModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        from mmplatform.rl.scst_trainer import greedy_captions
+        from mmplatform.models.captioning import greedy_captions
         from mmplatform.train.batches import decode_images
 
         if "image" in model_input.columns:

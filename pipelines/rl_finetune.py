@@ -6,8 +6,8 @@ import sys
 
 from mmplatform import tracking
 from mmplatform.config import Params
+from mmplatform.reports import write_history
 from mmplatform.rl.scst_trainer import run_scst
-from mmplatform.train.recipe import write_history
 from pipelines._common import run_stage
 
 

@@ -6,7 +6,8 @@ import sys
 
 from mmplatform import tracking
 from mmplatform.config import Params
-from mmplatform.train.recipe import run_training, write_history
+from mmplatform.reports import write_history
+from mmplatform.train.recipe import run_training
 from pipelines._common import run_stage
 
 

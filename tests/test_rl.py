@@ -8,12 +8,13 @@ import torch
 
 from mmplatform.config import TrainParams
 from mmplatform.data.synthetic import generate_synthetic
+from mmplatform.models.captioning import greedy_captions
 from mmplatform.models.losses import caption_loss
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
 from mmplatform.rl.rewards import build_rewards
 from mmplatform.rl.scst_config import SCSTConfig
-from mmplatform.rl.scst_trainer import greedy_captions, scst_update, trainable_parameters
+from mmplatform.rl.scst_trainer import scst_update, trainable_parameters
 from mmplatform.train.batches import decode_images, tokenize_captions
 from mmplatform.train.recipe import model_config, trim
 

@@ -20,9 +20,9 @@ import torch
 
 from mmplatform.data.dataset import read_dataset
 from mmplatform.evaluate.captions import CiderD, bleu4
+from mmplatform.models.captioning import greedy_captions
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer
-from mmplatform.rl.scst_trainer import greedy_captions
 from mmplatform.train.batches import decode_images, tokenize_captions
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,10 @@ def ranks_from_similarity(sim: torch.Tensor, owner: torch.Tensor) -> tuple[torch
     own = sim.gather(1, owner[:, None])
     t2i = (sim > own).sum(1)
     simT = sim.T  # (images, captions)
-    n_img = sim.shape[1]
     is_own = torch.zeros_like(simT, dtype=torch.bool)
     is_own[owner, torch.arange(len(owner))] = True
     best_own = simT.masked_fill(~is_own, float("-inf")).max(1).values
     i2t = (simT > best_own[:, None]).sum(1)
-    assert i2t.shape[0] == n_img
     return t2i, i2t
 
 

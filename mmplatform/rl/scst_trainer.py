@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mmplatform.compute import average_gradients
+from mmplatform.models.captioning import decode_text, greedy_captions
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer
 from mmplatform.rl.rewards import build_rewards
@@ -31,21 +32,6 @@ from mmplatform.rl.scst_config import SCSTConfig
 from mmplatform.train.batches import decode_images
 
 log = logging.getLogger(__name__)
-
-
-def decode_text(tokenizer, tokens: torch.Tensor) -> list[str]:
-    return [t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)]
-
-
-@torch.no_grad()
-def greedy_captions(model: MultimodalModel, tokenizer, images: torch.Tensor, max_length: int,
-                    batch: int = 256) -> list[str]:
-    out: list[str] = []
-    for i in range(0, len(images), batch):
-        mem = model.memory(model.image_tokens(images[i:i + batch]))
-        toks, _ = model.generate(mem, max_length, greedy=True)
-        out.extend(decode_text(tokenizer, toks))
-    return out
 
 
 def trainable_parameters(model: MultimodalModel) -> list[torch.nn.Parameter]:

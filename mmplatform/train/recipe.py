@@ -33,6 +33,7 @@ from mmplatform.train.batches import decode_images, sample_caption_per_image, to
 
 log = logging.getLogger(__name__)
 CKPT = "last.pt"
+VAL_IMAGES = 500  # val images scored each epoch (R@1 among them)
 
 
 def model_config(p: TrainParams, tokenizer, image_size: int) -> ModelConfig:
@@ -110,7 +111,6 @@ def recall_at_1(model: MultimodalModel, images: torch.Tensor, ids: torch.Tensor,
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     import ray.train
-    from torch import distributed as dist
 
     from mmplatform import tracking
     from mmplatform.data.dataset import read_dataset
@@ -124,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- setup: data
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     train_recs = read_dataset(config["train_dir"], split="train")
-    val_recs = read_dataset(config["val_dir"], split="val")[: config.get("val_limit", 500)]
+    val_recs = read_dataset(config["val_dir"], split="val")[:VAL_IMAGES]
     image_size = config["image_size"]
     images = decode_images(train_recs, image_size)
     caps = tokenize_captions(tokenizer, train_recs, p.text.max_length)
@@ -200,9 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _maybe_inject_fault(config, epoch, ckpt_dir)
         # Our own checkpoint (above) is what a restarted worker group or a re-run stage resumes from,
         # so Ray only gets the metrics.
-        ray.train.report(dict(row))
-        if world > 1:
-            dist.barrier()
+        ray.train.report(dict(row))  # also a barrier across workers
 
     if rank == 0:
         model.save(config["out_dir"])
@@ -268,15 +266,3 @@ def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
                 storage_path=Path(cache_dir) / "ray", name=f"train-{key}")
     return read_history(ckpt_dir)
 
-
-def write_history(history: list[dict], path: str | Path) -> None:
-    """A CSV with one row per epoch (or RL evaluation), declared as a DVC plot."""
-    import csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
