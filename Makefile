@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint ui clean-workspace venv
+.PHONY: run test test-fast lint ui clean-workspace venv bench bench-peers
 
 # (Re)create the environment only when the lock or the project metadata changed.
 # --no-deps: the lock is the whole, exact dependency set (torch 2.13.0 CPU wheel included), so nothing
@@ -32,6 +32,22 @@ lint: $(STAMP)
 
 ui: $(STAMP)
 	$(VENV)/bin/mmp ui
+
+# Peer tools for the benchmarks (CleanVision, imagededup, scikit-image) live in their own venv so they can
+# never change the project's pins; torch is pinned there too, so nothing pulls a CUDA build.
+PEERS := bench/.venv-peers
+$(PEERS)/.installed: bench/peers-requirements.txt
+	@test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q -c bench/peers-constraints.txt -r bench/peers-requirements.txt
+	@touch $@
+
+bench-peers: $(PEERS)/.installed
+
+bench: $(STAMP) $(PEERS)/.installed
+	$(PY) bench/image_checks_bench.py
+	$(PY) bench/neardup_bench.py
+	$(PY) bench/cider_bench.py
 
 clean-workspace:
 	rm -rf data/interim data/processed models reports mlflow.db mlartifacts .cache .prefect

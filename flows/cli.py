@@ -18,6 +18,9 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmplatform: image-text data → model")
 data_app = typer.Typer(no_args_is_help=True, help="dataset commands")
 app.add_typer(data_app, name="data")
+annotate_app = typer.Typer(no_args_is_help=True, help="annotation round trip with Label Studio")
+app.add_typer(annotate_app, name="annotate")
+FORMATS = "coco | jsonl | csv | webdataset | imagefolder | labelstudio | synthetic"
 
 SetOpt = Annotated[list[str] | None, typer.Option("-S", "--set", help="section.key=value, for this run")]
 
@@ -106,9 +109,11 @@ def serve(cron: Annotated[str, typer.Option(help="cron schedule")] = "0 3 * * 0"
 
 
 @data_app.command("ingest")
-def data_ingest(fmt: Annotated[str, typer.Option("--format", help="synthetic | jsonl | csv")],
+def data_ingest(fmt: Annotated[str, typer.Option("--format", help=FORMATS)],
                 out: Annotated[Path, typer.Option(help="output dataset directory")],
-                path: Annotated[Path | None, typer.Option(help="manifest file")] = None,
+                path: Annotated[Path | None, typer.Option(
+                    help="COCO JSON, JSONL/CSV manifest, .tar shard / folder / {000..009} pattern, imagefolder"
+                         " folder, or Label Studio export")] = None,
                 images: Annotated[Path | None, typer.Option(help="image root")] = None) -> None:
     """Ingest a source into a canonical dataset; bad records go to OUT/quarantine with a reason."""
     from mmplatform.config import ConfigError, IngestParams
@@ -120,8 +125,10 @@ def data_ingest(fmt: Annotated[str, typer.Option("--format", help="synthetic | j
         p = IngestParams.model_validate({"sources": [src]})
     except Exception as exc:  # pydantic error → one line
         _fail(f"--format {fmt}: {str(exc).splitlines()[-1].strip()}")
-    if path is not None and not path.is_file():
-        _fail(f"{path}: manifest not found")
+    if fmt != "synthetic" and path is None:
+        _fail(f"--format {fmt}: needs --path")
+    if path is not None and "{" not in str(path) and not path.exists():
+        _fail(f"{path}: not found")
     try:
         stats = stages.ingest(p, out)
     except (ConfigError, ValueError, OSError) as exc:
@@ -131,34 +138,118 @@ def data_ingest(fmt: Annotated[str, typer.Option("--format", help="synthetic | j
 
 @data_app.command("clean")
 def data_clean(inp: Annotated[Path, typer.Argument(help="input dataset")],
-               out: Annotated[Path, typer.Argument(help="output dataset")]) -> None:
-    """Clean a dataset: kept → OUT, dropped → OUT/quarantine (with reason)."""
-    from mmplatform.config import CleanParams
+               out: Annotated[Path, typer.Argument(help="output dataset")],
+               set_: Annotated[list[str] | None, typer.Option(
+                   "-S", "--set", help="clean param, e.g. -S drop_issues=[dark,blurry] -S engine=local")] = None,
+               params: Annotated[Path | None, typer.Option(help="take the clean section of this params.yaml")] = None,
+               report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True) -> None:
+    """Clean a dataset: kept → OUT, dropped → OUT/quarantine (with reason); OUT/report.html."""
+    from mmplatform.config import ConfigError, load_params, validate
     from mmplatform.data import stages
 
     _logging()
+    overrides = [f"clean.{kv}" for kv in (set_ or [])] + [f"clean.report={str(report).lower()}"]
     try:
-        stats = stages.clean(inp, out, CleanParams())
+        p = load_params(params, overrides).clean if params else validate(
+            _overrides_only(overrides), "-S").clean
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not (inp / "manifest.json").is_file():
+        _fail(f"{inp}: not a dataset (no manifest.json)")
+    try:
+        stats = stages.clean(inp, out, p)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    typer.echo(json.dumps(stats))
+    typer.echo(json.dumps(stats, default=str))
+
+
+def _overrides_only(overrides: list[str]) -> dict:
+    from mmplatform.config import apply_overrides
+
+    return apply_overrides({}, overrides)
 
 
 @data_app.command("report")
 def data_report(path: Annotated[Path, typer.Argument(help="dataset directory")],
-                html: Annotated[Path | None, typer.Option(help="also write an HTML report")] = None) -> None:
-    """Counts per split and per quarantine reason of a dataset."""
-    from mmplatform.data.dataset import read_manifest
+                html: Annotated[Path | None, typer.Option(help="write the HTML report here")] = None) -> None:
+    """Counts per split, issue type and quarantine reason; caption statistics; optional HTML report."""
+    from mmplatform.data.report import build_report, summary_metrics, write_html
 
+    if not (path / "manifest.json").is_file():
+        _fail(f"{path}: not a dataset (no manifest.json)")
     try:
-        m = read_manifest(path)
-    except FileNotFoundError as exc:
+        report = build_report(path)
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
-    summary = {k: m.get(k) for k in ("record_count", "splits", "quarantined", "quarantine_reasons", "stage")}
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json.dumps(summary_metrics(report), indent=2))
     if html:
-        rows = "".join(f"<tr><td>{k}</td><td>{json.dumps(v)}</td></tr>" for k, v in summary.items())
-        html.write_text(f"<html><body><h1>{path}</h1><table>{rows}</table></body></html>")
+        write_html(report, html)
+        typer.echo(f"wrote {html}", err=True)
+
+
+@annotate_app.command("export-labelstudio")
+def annotate_export(dataset: Annotated[Path, typer.Argument(help="dataset directory")],
+                    file: Annotated[Path, typer.Argument(help="Label Studio tasks JSON to write")],
+                    split: Annotated[str | None, typer.Option(help="only this split")] = None,
+                    predictions: Annotated[bool, typer.Option(
+                        help="pre-annotate with the champion captioner when there is one")] = True,
+                    local_files: Annotated[bool, typer.Option(
+                        help="write images to images/ beside FILE and reference them as Label Studio local"
+                             " files, instead of inlining them as data URIs")] = False) -> None:
+    """Write Label Studio import tasks (images inline, existing captions, champion predictions)."""
+    from mmplatform.data import labelstudio
+    from mmplatform.data.dataset import read_dataset
+
+    _logging()
+    if not (dataset / "manifest.json").is_file():
+        _fail(f"{dataset}: not a dataset (no manifest.json)")
+    records = read_dataset(dataset, split=split)
+    predict, version = None, ""
+    if predictions:
+        from mmplatform.champion import champion_captioner
+
+        found = champion_captioner()
+        if found is None:
+            logging.getLogger("mmp").info("no champion model: tasks are written without predictions")
+        else:
+            predict, version = found
+    n = labelstudio.export_tasks(records, file, predict_captions=predict, model_version=version,
+                                 image_mode="local-files" if local_files else "data-uri")
+    typer.echo(json.dumps({"tasks": n, "file": str(file), "predictions": bool(predict), "model_version": version}))
+
+
+@annotate_app.command("import-labelstudio")
+def annotate_import(file: Annotated[Path, typer.Argument(help="Label Studio JSON export")],
+                    dataset: Annotated[Path, typer.Argument(help="dataset to merge the annotations into")],
+                    out: Annotated[Path | None, typer.Option(help="write the merged dataset here (default: DATASET)")]
+                    = None) -> None:
+    """Merge a Label Studio export into a dataset: captions of every annotator, consensus VQA answers,
+    agreement; disagreements go to OUT/review.jsonl."""
+    from mmplatform.data import labelstudio
+    from mmplatform.data.dataset import read_dataset, read_manifest, read_quarantine, write_dataset
+
+    _logging()
+    if not file.is_file():
+        _fail(f"{file}: not found")
+    if not (dataset / "manifest.json").is_file():
+        _fail(f"{dataset}: not a dataset (no manifest.json)")
+    records = read_dataset(dataset)
+    quarantine = read_quarantine(dataset)
+    try:
+        merged, stats, review = labelstudio.merge_annotations(records, [file])
+    except ValueError as exc:
+        _fail(str(exc))
+    target = out or dataset
+    tmp = target.with_name(target.name + ".importing")
+    write_dataset(tmp, merged, stage=read_manifest(dataset).get("stage", "annotate"),
+                  params={"labelstudio_import": str(file)}, quarantine=quarantine, extra={"annotation_stats": stats})
+    labelstudio.write_review(review, tmp / "review.jsonl")
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    typer.echo(json.dumps(stats, default=str))
 
 
 @app.command()

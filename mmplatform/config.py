@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mmplatform.data.quality import QualityThresholds
 from mmplatform.rl.scst_config import SCSTConfig
 
 
@@ -35,9 +36,12 @@ class SyntheticParams(_Section):
     captions_per_image: int = Field(5, ge=1, le=10)
 
 
+IngestFormat = Literal["synthetic", "coco", "jsonl", "csv", "webdataset", "imagefolder", "labelstudio"]
+
+
 class SourceParams(_Section):
-    format: Literal["synthetic", "jsonl", "csv"] = "synthetic"
-    path: str | None = Field(None, description="manifest file (jsonl/csv)")
+    format: IngestFormat = "synthetic"
+    path: str | None = Field(None, description="COCO JSON, manifest, tar shard(s), imagefolder or Label Studio export")
     images: str | None = Field(None, description="image root; defaults to the manifest's folder")
 
 
@@ -49,6 +53,36 @@ class IngestParams(_Section):
 # ----------------------------------------------------------------------------- annotate / clean / augment
 class AnnotateParams(_Section):
     annotations_dir: str = Field("data/annotations", description="Label Studio exports picked up here")
+    min_agreement: float = Field(0.5, ge=0.0, le=1.0,
+                                 description="VQA answers with less agreement (or a tie) go to review")
+
+
+class NearDupParams(_Section):
+    enabled: bool = True
+    hamming_radius: int = Field(8, ge=0, le=64,
+                                description="pHash pairs within this Hamming distance are near duplicates")
+    cosine_threshold: float = Field(0.95, ge=-1.0, le=1.01,
+                                    description="descriptor pairs at or above this cosine are near duplicates")
+    linkage: Literal["connected", "star", "complete"] = Field(
+        "connected", description="how matched pairs form groups (see mmplatform/data/neardup.py)")
+    policy: Literal["largest", "most_captions", "first"] = Field(
+        "largest", description="which member of a group is kept")
+    action: Literal["drop", "keep"] = Field(
+        "drop", description="drop: keep one representative; keep: keep all, same split for the whole group")
+
+
+class AlignmentParams(_Section):
+    mode: Literal["off", "threshold", "top_fraction"] = Field(
+        "threshold", description="DataComp-style filter with the champion's contrastive score; skipped without one")
+    score: Literal["percentile", "cosine"] = Field(
+        "percentile", description="percentile among random captions (model-independent) or raw cosine")
+    min_score: float = Field(0.9, description="threshold mode: captions scoring below are dropped")
+    keep_fraction: float = Field(0.9, gt=0.0, le=1.0, description="top_fraction mode: share of captions kept")
+    model_name: str = Field("mmplatform", description="registered model whose champion scores the captions")
+    alias: str = "champion"
+
+
+ImageIssue = Literal["dark", "light", "blurry", "low_information", "odd_aspect_ratio", "odd_size", "grayscale"]
 
 
 class CleanParams(_Section):
@@ -59,6 +93,15 @@ class CleanParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_seed: int = 0
+    merge_duplicates: bool = Field(True, description="an exact duplicate's captions are added to the kept copy")
+    quality: QualityThresholds = Field(default_factory=QualityThresholds)
+    drop_issues: list[ImageIssue] = Field(
+        default_factory=list, description="image issues that drop a record; the others are only flagged in meta")
+    near_duplicates: NearDupParams = Field(default_factory=NearDupParams)
+    alignment: AlignmentParams = Field(default_factory=AlignmentParams)
+    engine: Literal["ray", "local"] = Field("ray", description="ray: Ray Data map_batches; local: in-process")
+    rows_per_task: int = Field(1000, ge=1, description="records per Ray Data task")
+    report: bool = Field(True, description="write report.html beside the dataset and log it to MLflow")
 
 
 class AugmentParams(_Section):

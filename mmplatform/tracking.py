@@ -107,6 +107,13 @@ def log_stats(stats: dict[str, Any], artifact: str = "stats.json") -> None:
     mlflow.log_dict(stats, artifact)
 
 
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Attach a file (e.g. the data report) to the active run."""
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path)
+
+
 FLOW_RUN_ENV = "MMP_PREFECT_FLOW_RUN_ID"
 
 

@@ -13,7 +13,7 @@ from pipelines._common import run_stage
 def body(p: Params) -> None:
     with tracking.stage_run("annotate", p.annotate.model_dump()):
         tracking.log_stats(stages.annotate("data/interim/ingested", "data/interim/annotated",
-                                           p.annotate.annotations_dir))
+                                           p.annotate.annotations_dir, min_agreement=p.annotate.min_agreement))
 
 
 def main(argv: list[str] | None = None) -> int:

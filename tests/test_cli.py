@@ -46,7 +46,8 @@ def test_data_ingest_then_clean_keeps_good_and_quarantines_bad(tmp_path, capsys)
     assert {r["split"] for r in read_dataset(cleaned)} <= {"train", "val", "test"}
 
     assert main(["data", "report", str(cleaned), "--html", str(tmp_path / "r.html")]) == 0
-    assert "record_count" in (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text()
+    assert "Data report" in page and "Quarantine" in page
 
 
 def test_missing_manifest_is_one_line_error(tmp_path, capsys):

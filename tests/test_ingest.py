@@ -265,3 +265,78 @@ def test_csv_file_name_and_captions_json(tree: Path):
 def test_unknown_format_raises(tree: Path):
     with pytest.raises(ValueError):
         ingest_manifest(tree / "m.jsonl", fmt="xml")
+
+
+# ------------------------------------------------------------------------------ caption text at ingest
+
+def test_jsonl_non_utf8_lines_are_repaired_or_quarantined_per_record(tree: Path):
+    manifest = tree / "m.jsonl"
+    manifest.write_bytes(b"\n".join([
+        b'{"image": "imgs/red.png", "captions": ["un caf\xe9", "fine"]}',               # 1 cp1252: repaired
+        b'{"image": "imgs/blue.png", "captions": ["bad \x81 byte"]}',                   # 2 not cp1252
+        b'{"image": "imgs/green.png", "caption": "lone \\ud800 escape"}',              # 3 JSON surrogate
+        b'{"image": "imgs/red.png", "captions": ["ok"], "questions": ["q\xe9?"], "answers": ["\x9d"]}',  # 4
+        b'{"image": "imgs/\xff.png", "captions": ["path is not UTF-8"]}',              # 5
+        b'{"image": "imgs/green.png", "captions": ["after the bad lines"]}',           # 6
+    ]) + b"\n")
+    kept, quarantined = ingest_manifest(manifest)
+    assert len(kept) + len(quarantined) == 6
+    k = {int(r["source"].rsplit(":", 1)[1]): r for r in kept}
+    q = {int(r["source"].rsplit(":", 1)[1]): r for r in quarantined}
+    assert k[1]["captions"] == ["un café", "fine"]
+    assert json.loads(k[1]["meta"])["caption_repairs"] == ["non_utf8_transcoded"]
+    assert q[2]["reason"] == "non_utf8_caption" and q[2]["captions"] == ["bad \\udc81 byte"]
+    assert q[3]["reason"] == "non_utf8_caption"
+    assert q[4]["reason"] == "non_utf8_caption: answers"
+    assert q[5]["reason"] == "bad_field: image"
+    assert k[6]["captions"] == ["after the bad lines"]
+
+
+def test_csv_bad_bytes_do_not_lose_the_rest_of_the_file(tree: Path):
+    csv_path = tree / "m.csv"
+    csv_path.write_bytes(b"image,caption\n"
+                         b"imgs/red.png,caf\xe9 au lait\n"
+                         b"imgs/blue.png,\x81\x8d\n"
+                         b"imgs/green.png,a green square\n"
+                         b"imgs/red.png,a red square\n")
+    kept, quarantined = ingest_manifest(csv_path, fmt="csv")
+    assert [r["captions"] for r in kept] == [["café au lait", "a red square"], ["a green square"]]
+    assert json.loads(kept[0]["meta"])["caption_repairs"] == ["non_utf8_transcoded"]
+    assert [(r["reason"], r["source"]) for r in quarantined] == [("non_utf8_caption", f"csv:{csv_path}:3")]
+
+
+def test_control_chars_and_empty_captions(tree: Path):
+    manifest = tree / "m.jsonl"
+    write_jsonl(manifest, [
+        {"image": "imgs/red.png", "captions": ["a\x00red\u202e square ", "", "  \t "]},
+        {"image": "imgs/blue.png", "caption": "   "},
+        {"image": "imgs/green.png", "captions": ["cafe\u0301"], "questions": [""], "answers": ["x"]},
+    ])
+    (red, blue, green), quarantined = ingest_manifest(manifest)
+    assert quarantined == []
+    assert red["captions"] == ["a red square"]
+    assert json.loads(red["meta"])["caption_repairs"] == ["control_chars", "format_chars", "empty_caption_dropped"]
+    # A record whose only caption was empty is kept with none: clean quarantines it (no_valid_caption).
+    assert blue["captions"] == [] and json.loads(blue["meta"])["caption_repairs"] == ["empty_caption_dropped"]
+    assert green["captions"] == ["café"] and green["questions"] == [""]  # QA pairs stay aligned
+    assert json.loads(green["meta"])["caption_repairs"] == ["unicode_normalized"]
+
+
+def test_overlong_jsonl_line_is_skipped(tree: Path, monkeypatch):
+    from mmplatform.data import ingest as ingest_mod
+
+    monkeypatch.setattr(ingest_mod, "MAX_LINE_BYTES", 100)
+    manifest = tree / "m.jsonl"
+    write_jsonl(manifest, [{"image": "imgs/red.png", "captions": ["x" * 500]},
+                           {"image": "imgs/blue.png", "captions": ["short"]}])
+    (rec,), (bad,) = ingest_manifest(manifest)
+    assert rec["captions"] == ["short"] and rec["source"].endswith(":2")
+    assert bad["reason"] == "bad_json: line 1: longer than 100 bytes"
+
+
+def test_bom_and_blank_lines(tree: Path):
+    manifest = tree / "m.jsonl"
+    manifest.write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": "imgs/red.png", "caption": "a"}).encode()
+                         + b"\n\n   \n" + json.dumps({"image": "imgs/blue.png", "caption": "b"}).encode())
+    kept, quarantined = ingest_manifest(manifest)
+    assert [r["captions"] for r in kept] == [["a"], ["b"]] and quarantined == []

@@ -125,14 +125,16 @@ def _write(out_dir: Path, records: list[dict[str, Any]], schema: pa.Schema, stag
 
 def write_dataset(out_dir: str | Path, records: Iterable[dict[str, Any]], *, stage: str,
                   params: dict | None = None, shard_size: int = 2000,
-                  quarantine: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  quarantine: Iterable[dict[str, Any]] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``records`` as a canonical dataset (replacing ``out_dir``); ``quarantine`` rows carry a
-    ``reason`` and go to ``out_dir/quarantine``. Returns the manifest."""
+    ``reason`` and go to ``out_dir/quarantine``; ``extra`` keys (e.g. the stage's stats) are added to
+    the manifest. Returns the manifest."""
     out_dir = Path(out_dir)
     records = list(records)
     q = [dict(r, stage=r.get("stage") or stage) for r in (quarantine or [])]
     manifest = _write(out_dir, records, SCHEMA, stage, params, shard_size,
-                      extra={"quarantined": len(q),
+                      extra={**(extra or {}), "quarantined": len(q),
                              "quarantine_reasons": _count(r["reason"].split(":")[0] for r in q)})
     _write(out_dir / "quarantine", q, QUARANTINE_SCHEMA, stage, params, shard_size)
     return manifest

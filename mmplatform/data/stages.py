@@ -13,9 +13,9 @@ from typing import Any
 
 from mmplatform.config import AugmentParams, CleanParams, IngestParams
 from mmplatform.data.augment import augment_records
-from mmplatform.data.clean import clean_records
+from mmplatform.data.clean import clean_dataset
 from mmplatform.data.dataset import read_dataset, write_dataset
-from mmplatform.data.ingest import ingest_manifest
+from mmplatform.data.ingest import ingest_source
 from mmplatform.data.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def ingest(p: IngestParams, out: str | Path) -> dict[str, Any]:
         else:
             if not src.path:
                 raise ValueError(f"ingest.sources: format {src.format} needs a path")
-            ok, bad = ingest_manifest(src.path, src.images, fmt=src.format)
+            ok, bad = ingest_source(src.format, src.path, src.images)
             kept.extend(ok)
             quarantined.extend(bad)
     manifest = write_dataset(out, kept, stage="ingest", params=p.model_dump(), quarantine=quarantined)
@@ -51,36 +51,70 @@ def _jaccard(a: str, b: str) -> float:
     return len(x & y) / len(x | y) if x | y else 1.0
 
 
-def annotate(inp: str | Path, out: str | Path, annotations_dir: str | Path) -> dict[str, Any]:
-    """First cut: pass-through, with caption agreement statistics (mean pairwise word-set Jaccard
-    between the captions of one image; low agreement flags images whose annotators disagree)."""
+def annotate(inp: str | Path, out: str | Path, annotations_dir: str | Path, *,
+             min_agreement: float = 0.5) -> dict[str, Any]:
+    """Merge the Label Studio exports found in ``annotations_dir`` (``*.json``) into the records: every
+    annotator's captions, consensus VQA answers, agreement in ``meta["annotations"]``; ties, low agreement
+    and tasks that cannot be joined go to ``<out>/review.jsonl``. Also reports caption agreement (mean
+    pairwise word-set Jaccard between the captions of one image)."""
+    from mmplatform.data.labelstudio import merge_annotations, write_review
+
     records = read_dataset(inp)
+    adir = Path(annotations_dir)
+    exports = sorted(adir.glob("*.json")) if adir.is_dir() else []
+    merged, ann_stats, review = merge_annotations(records, exports, min_agreement=min_agreement)
+    write_dataset(out, merged, stage="annotate",
+                  params={"annotations_dir": str(annotations_dir), "min_agreement": min_agreement,
+                          "exports": [p.name for p in exports]},
+                  extra={"annotation_stats": ann_stats})
+    n_review = write_review(review, Path(out) / "review.jsonl")  # after write_dataset: it replaces out/
+    if n_review:
+        log.warning("annotate: %d items to review in %s", n_review, Path(out) / "review.jsonl")
     agreements = []
-    for r in records:
+    for r in merged:
         pairs = list(itertools.combinations(r["captions"], 2))
         if pairs:
             agreements.append(sum(_jaccard(a, b) for a, b in pairs) / len(pairs))
-    exports = sorted(Path(annotations_dir).glob("*.json")) if Path(annotations_dir).is_dir() else []
-    if exports:
-        log.warning("annotate: %d files in %s are not merged yet (Label Studio import is not built)",
-                    len(exports), annotations_dir)
-    write_dataset(out, records, stage="annotate", params={"annotations_dir": str(annotations_dir)})
-    n_caps = [len(r["captions"]) for r in records]
+    n_caps = [len(r["captions"]) for r in merged]
     return {
-        "read": len(records), "kept": len(records), "quarantined": 0,
+        "read": len(records), "kept": len(merged), "quarantined": 0,
         "captions_per_image_mean": sum(n_caps) / max(1, len(n_caps)),
         "caption_agreement_mean": sum(agreements) / max(1, len(agreements)),
         "caption_agreement_min": min(agreements, default=1.0),
         "low_agreement_images": sum(a < 0.3 for a in agreements),
+        "labelstudio": ann_stats,
     }
 
 
-def clean(inp: str | Path, out: str | Path, p: CleanParams) -> dict[str, Any]:
-    records = read_dataset(inp)
-    kept, quarantined, stats = clean_records(records, **p.model_dump())
-    write_dataset(out, kept, stage="clean", params=p.model_dump(), quarantine=quarantined)
-    assert len(kept) + len(quarantined) == len(records), "clean lost records"
+def clean(inp: str | Path, out: str | Path, p: CleanParams, *, use_champion: bool = True) -> dict[str, Any]:
+    """Clean ``inp`` into ``out``; the alignment filter scores with the registered champion when there is
+    one (``use_champion``), and the data report is written to ``out/report.html`` (``p.report``)."""
+    scorer = None
+    if use_champion and p.alignment.mode != "off":
+        from mmplatform.data.alignment import load_champion_scorer
+
+        scorer = load_champion_scorer(p.alignment.model_name, p.alignment.alias)
+    stats = clean_dataset(inp, out, p, scorer=scorer)
+    if p.report:
+        stats["report"] = write_report(out, Path(out) / "report.html")
     return stats
+
+
+def write_report(dataset: str | Path, html: str | Path) -> dict[str, float]:
+    """The data report of ``dataset`` as ``html`` (figures inline) plus its figures as PNGs in
+    ``<html stem>_figures/``; returns the report's flat metrics."""
+    from mmplatform.data.report import build_report, render_html, report_figures, summary_metrics
+
+    rep = build_report(dataset)
+    figs = report_figures(rep)
+    html = Path(html)
+    html.parent.mkdir(parents=True, exist_ok=True)
+    html.write_text(render_html(rep, figs), encoding="utf-8")
+    fig_dir = html.with_name(html.stem + "_figures")
+    fig_dir.mkdir(exist_ok=True)
+    for name, png in figs.items():
+        (fig_dir / name).write_bytes(png)
+    return summary_metrics(rep)
 
 
 def augment(inp: str | Path, out: str | Path, p: AugmentParams) -> dict[str, Any]:
