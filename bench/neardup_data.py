@@ -1,37 +1,40 @@
 """Build the near-duplicate bench set from real photos bundled with scikit-image and scikit-learn.
 
-    .venv/bin/python bench/neardup_data.py --out bench/.cache/neardup_set [--peers-python PATH]
+    .venv/bin/python bench/neardup_data.py [--out bench/.cache/neardup_set] [--seed 0] [--peers-python PATH]
 
 Two steps, so that the project venv never imports scikit-image:
 
 1. ``--export DIR`` (run with the *peers* python, which has scikit-image): writes the bundled photos as PNG
-   (only files shipped inside the wheel, nothing is fetched: ``skimage.data`` functions backed by a
-   bundled file, plus scikit-learn's ``china`` and ``flower``) and the LFW subset patches.
-2. :func:`build_set` (project venv, PIL only): turns them into the bench set and writes ``truth.json``.
+   (only files shipped inside the wheel, nothing is fetched) plus scikit-learn's ``china`` and ``flower`` and
+   the LFW subset patches;
+2. :func:`build_set` (project venv, PIL only): turns them into ``<out>/seed<seed>/images`` and ``truth.json``.
 
 The set
 -------
-*Originals* (one ground-truth group each, 28): 16 whole photos (colour and grayscale: astronaut, camera,
+*Originals* (one ground-truth group each, 28): 16 whole photos, colour and grayscale (astronaut, camera,
 chelsea, clock, coffee, coins, immunohistochemistry, moon, page, rocket, text, brick, grass, gravel, cell,
 microaneurysms), scikit-learn's china and flower, and *tiles* of three large photos used only as tiles
 (hubble_deep_field 2x2, retina 2x2, the left stereo-motorcycle view as two halves). Tiles of one photo share
-palette, texture and (retina) a mirrored layout: they are the "same family, different image" hard negatives.
+palette, texture and (retina) a mirrored layout: the "same family, different image" hard negatives.
 
-*Copies* (15 per original, so groups of 16): resize 50% / 75%, JPEG quality 30 / 60, centre crop 90% / 80%
-of each side, off-centre crop 85% (top-left) / 80% (bottom-right), brightness x1.25 / x0.75, rotation +5 / -8
-degrees with black corners, rotation +10 / -5 degrees cropped to the largest border-free rectangle, and a
-mix (resize 60%, brightness x1.2, JPEG quality 50).
+*Copies* (14 per original, groups of 15; parameters drawn per original from ``--seed``, see
+:func:`make_transforms`): resize 50% / 75%, JPEG quality 30 / 60, a centre crop and two corner crops (side
+80-90%), brightness x1.2-1.3 / x0.7-0.8, two rotations of 5-10 degrees with black corners, two with the borders
+cropped to the largest inscribed rectangle, and a mix (resize 50-70%, brightness x1.1-1.25, JPEG 50).
 
-*Distractors* (singletons, no copies, 106): 50 face and 50 non-face 25x25 patches of skimage's LFW subset
-upsampled to 100x100 (faces are aligned, so they look alike at low resolution: a precision test), and 6 ...
-see ``N_SMALL_CROPS``: small random crops (25% of the area or less) of the whole photos. A crop that small is
-*not* a near duplicate under this bench's definition (copies keep at least 64% of the area), so a method
-that matches it is over-generalising.
+*Distractors* (singletons, 124): 50 face and 50 non-face 25x25 patches of skimage's LFW subset upsampled to
+100x100 (aligned faces and near-featureless patches look alike at low resolution: a precision test), and
+:data:`N_SMALL_CROPS` small random crops (12-25% of the area) of the whole photos. A crop that small is *not* a
+near duplicate by this bench's definition (copies keep at least 64% of the area), so a method that matches it
+is over-generalising.
+
+Every file is JPEG (edits meant to be lossless at quality 95): the data this targets is JPEG, and the clean
+stage's decoder uses JPEG DCT scaling, so a PNG set would time a decoder nobody uses.
 
 Left out, on purpose: ``cat`` (the same file as ``chelsea``), the right stereo view (a near duplicate of the
 left view by any useful definition, so it would make the truth ambiguous), and synthetic or line-art images
 (checkerboard, chessboard, colorwheel, logo, horse, phantom, binary_blobs): the bench is about photographs;
-the built-in synthetic scenes are measured separately by ``bench/neardup_bench.py``.
+the built-in synthetic scenes are measured separately by ``bench/neardup_bench.py --synthetic``.
 """
 
 from __future__ import annotations
@@ -56,12 +59,12 @@ N_SMALL_CROPS = 24
 
 def export(out: Path) -> None:
     """Write the bundled photos as PNG (run with the peers python: needs scikit-image, scikit-learn)."""
-    import skimage.data as skd  # noqa: PLC0415 - only in the peers venv
+    import skimage.data as skd  # only in the peers venv
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     out.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {name: getattr(skd, name)() for name in WHOLE if name != "motorcycle_left"}
+    arrays: dict[str, np.ndarray] = {name: getattr(skd, name)() for name in WHOLE}
     arrays["hubble_deep_field"] = skd.hubble_deep_field()
     arrays["retina"] = skd.retina()
     arrays["motorcycle_left"] = skd.stereo_motorcycle()[0]
@@ -128,8 +131,7 @@ def _jpeg(im, q: int) -> bytes:
 
 
 def _hq(im) -> bytes:
-    """Lossless-intended edits: saved as JPEG quality 95 (visually lossless), since the data this targets is
-    JPEG and the clean stage's decoder uses JPEG DCT scaling; a PNG set would time a decoder nobody uses."""
+    """Edits meant to be lossless: JPEG quality 95 (see the module docstring for why not PNG)."""
     return _jpeg(im, 95)
 
 

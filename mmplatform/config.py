@@ -59,12 +59,18 @@ class AnnotateParams(_Section):
 
 class NearDupParams(_Section):
     enabled: bool = True
-    hamming_radius: int = Field(8, ge=0, le=64,
-                                description="pHash pairs within this Hamming distance are near duplicates")
-    cosine_threshold: float = Field(0.95, ge=-1.0, le=1.01,
+    hamming_radius: int = Field(4, ge=0, le=64,
+                                description="pHash pairs within this Hamming distance are near duplicates ...")
+    hash_min_cosine: float = Field(0.90, ge=-1.0, le=1.01,
+                                   description="... when their descriptors also agree at least this much")
+    cosine_threshold: float = Field(0.94, ge=-1.0, le=1.01,
                                     description="descriptor pairs at or above this cosine are near duplicates")
     linkage: Literal["connected", "star", "complete"] = Field(
-        "connected", description="how matched pairs form groups (see mmplatform/data/neardup.py)")
+        "star", description="how matched pairs form groups (star: every member matches the group's centre)")
+    exempt_sources: list[str] = Field(
+        default_factory=lambda: ["synthetic:"],
+        description="records whose source starts with one of these are distinct by construction (the built-in "
+                    "generator never repeats a scene) and are not grouped")
     policy: Literal["largest", "most_captions", "first"] = Field(
         "largest", description="which member of a group is kept")
     action: Literal["drop", "keep"] = Field(

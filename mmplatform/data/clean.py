@@ -186,14 +186,16 @@ def decide(records: list[dict[str, Any]], analyses: list[dict[str, Any]], p: Cle
             reasons[i] = "no_valid_caption"
 
     # Near duplicates among what is left.
-    alive = [i for i in work if i not in reasons]
+    exempt = tuple(p.near_duplicates.exempt_sources)
+    alive = [i for i in work if i not in reasons and not (exempt and str(records[i].get("source", "")).startswith(exempt))]
     groups_out = 0
     if p.near_duplicates.enabled and len(alive) > 1:
         nd = p.near_duplicates
         found = neardup.find_near_duplicates(
             [work[i]["sample_id"] for i in alive], [analyses[i]["phash"] for i in alive],
             np.stack([analyses[i]["embedding"] for i in alive]),
-            hamming_radius=nd.hamming_radius, cosine_threshold=nd.cosine_threshold, linkage=nd.linkage)
+            hamming_radius=nd.hamming_radius, cosine_threshold=nd.cosine_threshold, linkage=nd.linkage,
+            hash_min_cosine=nd.hash_min_cosine)
         info = [{"width": work[i]["width"], "height": work[i]["height"], "captions": len(work[i]["captions"]),
                  "sample_id": work[i]["sample_id"]} for i in alive]
         reps = neardup.choose_representatives(found.groups, info, nd.policy)
