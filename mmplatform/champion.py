@@ -26,11 +26,12 @@ def champion_model_dir(model_name: str = "mmplatform", alias: str = "champion") 
     except mlflow.exceptions.MlflowException:
         return None
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}@{alias}"))
-    model_dir = local / "artifacts" / "model"
-    if not (model_dir / "model_config.json").is_file():
-        log.warning("champion %s v%s has no model files at %s", model_name, version.version, model_dir)
+    # The pyfunc keeps the model directory under artifacts/<its original folder name> (e.g. artifacts/rl).
+    found = sorted(local.glob("artifacts/*/model_config.json"))
+    if not found:
+        log.warning("champion %s v%s has no model files under %s", model_name, version.version, local)
         return None
-    return model_dir, f"models:/{model_name}@{alias} (v{version.version})"
+    return found[0].parent, f"models:/{model_name}@{alias} (v{version.version})"
 
 
 def load_model(model_dir: str | Path):

@@ -67,3 +67,34 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
     assert main(["run", "--workdir", str(ws), "-S", "evaluate.grid_images=2"]) == 0
     versions = client.search_model_versions("name='mmplatform'")
     assert len(versions) == 1  # evaluate re-ran; its metrics did not change, so register was skipped
+
+    # The clean run carries the data report for auditors.
+    clean_run = next(r for r in children if r.data.tags["mmp.stage"] == "clean")
+    logged = {a.path for a in client.list_artifacts(clean_run.info.run_id, "data_report")}
+    assert "data_report/report.html" in logged
+    assert "report.data_records" in clean_run.data.metrics
+
+    # With a champion registered, the clean stage's alignment filter scores captions with it: captions moved
+    # to another image are dropped far more often than the image's own.
+    from mmplatform.config import CleanParams
+    from mmplatform.data import stages
+    from mmplatform.data.dataset import write_dataset
+
+    monkeypatch.chdir(ws)
+    recs = read_dataset(ws / "data/processed/clean", split="test")
+    for i, r in enumerate(recs):  # every image keeps its first caption and gets the next image's second
+        r["captions"] = [r["captions"][0], recs[(i + 1) % len(recs)]["captions"][1] + " "]
+    write_dataset(ws / "swapped", recs, stage="annotate")
+    st = stages.clean(ws / "swapped", ws / "swapped_clean", CleanParams(engine="local", report=False))
+    assert st["alignment"]["status"] == "applied" and "mmplatform@champion" in st["alignment"]["scorer"]
+    kept = read_dataset(ws / "swapped_clean")
+    own = sum(c == r["captions"][0] for r in kept for c in r["captions"])
+    moved = sum(len(r["captions"]) for r in kept) - own
+    assert own > 2 * moved, (own, moved)
+
+    # Model-assisted annotation: the exported Label Studio tasks carry the champion's captions.
+    assert main(["annotate", "export-labelstudio", str(ws / "swapped_clean"), str(ws / "tasks.json")]) == 0
+    tasks = json.loads((ws / "tasks.json").read_text())
+    pred = tasks[0]["predictions"][0]
+    assert "mmplatform@champion" in pred["model_version"]
+    assert pred["result"][0]["from_name"] == "caption" and pred["result"][0]["value"]["text"][0]
