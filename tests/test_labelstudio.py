@@ -394,3 +394,18 @@ def test_ingest_missing_export_and_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="images root"):
         ingest_labelstudio(p, images=tmp_path / "nodir")
     assert ingest_labelstudio(p) == ([], [])
+
+
+def test_ingest_uploaded_files_by_original_name(tmp_path):
+    """Label Studio renames uploads to "<8 hex>-<name>"; the user's image folder has the original names."""
+    records = dataset()
+    (tmp_path / "imgs").mkdir()
+    tasks = []
+    for i, r in enumerate(records):
+        (tmp_path / "imgs" / f"photo{i}.png").write_bytes(r["image"])
+        tasks.append({"id": i + 1, "data": {"image": f"/data/upload/7/{i:08x}-photo{i}.png"},
+                      "annotations": [ann(i + 1, 1, [f"caption {i}"])]})
+    export = write_json(tmp_path / "export.json", tasks)
+    kept, quarantined = ingest_labelstudio(export, tmp_path / "imgs")
+    assert quarantined == [] and [r["sample_id"] for r in kept] == [r["sample_id"] for r in records]
+    assert [r["captions"] for r in kept] == [[f"caption {i}"] for i in range(3)]

@@ -946,7 +946,9 @@ def _task_image(ref: str, loader: _Loader, max_bytes: int) -> tuple[bytes, str |
         project, name = upload.groups()
         if name in (".", ".."):
             raise _Reject("path_outside_root")
-        for rel in (name, f"{project}/{name}", f"upload/{project}/{name}"):
+        # Label Studio stores uploads as "<8 hex>-<original name>"; the user's folder has the original name.
+        names = [name] + ([name[9:]] if re.match(r"^[0-9a-f]{8}-.", name) else [])
+        for rel in [r for n in names for r in (n, f"{project}/{n}", f"upload/{project}/{n}")]:
             try:
                 return loader._read(rel), rel
             except _Reject as r:
