@@ -157,7 +157,8 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
     embed_dim: int = Field(128, ge=8)
-    fusion: Literal["concat", "cross_attention"] = "cross_attention"
+    fusion: Literal["concat", "gated", "cross_attention", "multimodal_transformer"] = Field(
+        "cross_attention", description="how image and text meet for ITM (mmplatform/models/fusion.py)")
     vision: VisionParams = Field(default_factory=VisionParams)
     text: TextParams = Field(default_factory=TextParams)
     decoder: DecoderParams = Field(default_factory=DecoderParams)

@@ -1,11 +1,34 @@
 """Fusion of image and text representations into one vector per (image, text) pair.
 
-One interface: ``forward(img_tokens (B, Ni, Dv), txt_tokens (B, Nt, Dt), txt_mask (B, Nt)) -> (B, D)``.
-Token 0 of each sequence is its [CLS] summary.
+One interface for every kind::
 
-- ``concat``: late fusion, an MLP over ``[img_cls; txt_cls]``; cheapest, cannot look inside either side.
-- ``cross_attention``: text tokens attend over image patches (one block of ALBEF/BLIP's fusion encoder),
-  so a word can be grounded in the region it names; read out at the text [CLS].
+    forward(img_tokens (B, Ni, Dv), txt_tokens (B, Nt, Dt), txt_mask (B, Nt)) -> (B, out_dim)
+
+Token 0 of each sequence is its [CLS] summary; ``txt_mask`` is 1 (or True) at real text tokens and 0 at padding,
+and position 0 is always real. Image tokens are never padded. ``out_dim == dim`` for every kind. The fused vector
+feeds the image-text matching head (``MultimodalModel.itm_head``); the choice is ``train.fusion`` and comparing the
+kinds, quality against compute (:func:`fusion_flops`), is a feature of the platform.
+
+- ``concat`` (late fusion): an MLP over ``[img_cls; txt_cls]`` (Dv + Dt -> dim -> dim).
+  Trade-off: cheapest, independent of sequence lengths, but sees only the two summaries, so it cannot ground a word
+  in a region.
+- ``gated`` (learned weighted sum): the Gated Multimodal Unit of Arevalo et al. 2017, "Gated Multimodal Units for
+  Information Fusion" (ICLR workshop, arXiv:1702.01992): ``h_v = tanh(W_v img_cls)``, ``h_t = tanh(W_t txt_cls)``,
+  ``z = sigmoid(W_z [img_cls; txt_cls])``, ``h = z * h_v + (1 - z) * h_t`` (per-dimension mix).
+  Trade-off: as cheap as ``concat`` and says how much each modality is trusted per feature (``z`` is inspectable),
+  but still [CLS]-only and its only cross-modal interaction is the gate.
+- ``cross_attention``: text tokens attend over image patches (one block of ALBEF/BLIP's fusion encoder: Li et al.
+  2021, arXiv:2107.07651; Li et al. 2022, arXiv:2201.12086), so a word can be grounded in the region it names;
+  read out at the text [CLS] (which, as a query, depends on all image tokens and on no other text token).
+  Trade-off: cost grows with Nt x Ni; the usual best quality per FLOP for matching.
+- ``multimodal_transformer`` (single-stream / "merged attention"): a pre-norm transformer encoder over
+  ``[fusion_cls; W_i img_tokens + type_img; W_t txt_tokens + type_txt]`` with text padding masked out of the keys,
+  read out at the learned fusion [CLS] (ViLT: Kim et al. 2021, arXiv:2102.03334; METER's merged-attention
+  variant: Dou et al. 2022, arXiv:2111.02387). Positions come from the unimodal encoders, so only modality-type
+  embeddings are added. Trade-off: most expressive (every token attends to every token, both ways, in every
+  layer), cost grows with (1 + Ni + Nt)^2 and with depth.
+
+:func:`fusion_flops` gives the approximate multiply-adds of one (image, text) pair for each kind.
 """
 
 from __future__ import annotations
@@ -13,8 +36,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+FUSION_KINDS: tuple[str, ...] = ("concat", "gated", "cross_attention", "multimodal_transformer")
+MT_LAYERS = 2  # default depth of the multimodal transformer (small models on small data; ViLT uses 12)
+MT_HEADS = 4
+
 
 class ConcatFusion(nn.Module):
+    """Late fusion: MLP over the concatenated [CLS] vectors."""
+
     def __init__(self, vision_dim: int, text_dim: int, dim: int):
         super().__init__()
         self.out_dim = dim
@@ -24,7 +53,31 @@ class ConcatFusion(nn.Module):
         return self.mlp(torch.cat([img_tokens[:, 0], txt_tokens[:, 0]], dim=-1))
 
 
+class GatedFusion(nn.Module):
+    """Gated Multimodal Unit (Arevalo et al. 2017): a per-dimension sigmoid gate mixes the two [CLS] vectors."""
+
+    def __init__(self, vision_dim: int, text_dim: int, dim: int):
+        super().__init__()
+        self.out_dim = dim
+        self.img = nn.Linear(vision_dim, dim)
+        self.txt = nn.Linear(text_dim, dim)
+        # The gate sees both inputs: whether to trust the image or the text for a feature can depend on either.
+        self.gate = nn.Linear(vision_dim + text_dim, dim)
+
+    def gate_values(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor) -> torch.Tensor:
+        """The mixing weights z (B, dim): 1 takes the image feature, 0 the text feature."""
+        return torch.sigmoid(self.gate(torch.cat([img_tokens[:, 0], txt_tokens[:, 0]], dim=-1)))
+
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        z = self.gate_values(img_tokens, txt_tokens)
+        h_img = torch.tanh(self.img(img_tokens[:, 0]))
+        h_txt = torch.tanh(self.txt(txt_tokens[:, 0]))
+        return z * h_img + (1 - z) * h_txt
+
+
 class CrossAttentionFusion(nn.Module):
+    """Text queries attend over image keys/values (one ALBEF/BLIP fusion block); read out at the text [CLS]."""
+
     def __init__(self, vision_dim: int, text_dim: int, dim: int, heads: int = 4):
         super().__init__()
         self.out_dim = dim
@@ -43,10 +96,87 @@ class CrossAttentionFusion(nn.Module):
         return h[:, 0]
 
 
-FUSIONS = {"concat": ConcatFusion, "cross_attention": CrossAttentionFusion}
+class MultimodalTransformerFusion(nn.Module):
+    """Single-stream fusion (ViLT / METER merged attention): one encoder over [fusion CLS; image; text]."""
+
+    def __init__(self, vision_dim: int, text_dim: int, dim: int, layers: int = MT_LAYERS, heads: int = MT_HEADS,
+                 dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"multimodal_transformer: dim {dim} is not divisible by heads {heads}")
+        self.out_dim = dim
+        self.img_proj = nn.Linear(vision_dim, dim)
+        self.txt_proj = nn.Linear(text_dim, dim)
+        # Row 0: image, row 1: text. The fusion [CLS] is itself learned, so it needs no type of its own.
+        self.type_emb = nn.Parameter(torch.zeros(2, dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.type_emb, std=0.02)  # ViT/BERT initialisation of learned embeddings
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        # Pre-norm (as ViT): stable without warm-up for small models; dropout 0 as in the rest of the model.
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        b, ni = img_tokens.shape[:2]
+        x = torch.cat([
+            self.cls.expand(b, -1, -1),
+            self.img_proj(img_tokens) + self.type_emb[0],
+            self.txt_proj(txt_tokens) + self.type_emb[1],
+        ], dim=1)
+        # True = ignored as a key. The fusion [CLS] and the image tokens are never masked, so no row is all-masked.
+        pad = torch.cat([torch.zeros(b, 1 + ni, dtype=torch.bool, device=x.device), txt_mask == 0], dim=1)
+        h = self.encoder(x, src_key_padding_mask=pad)
+        return self.norm(h[:, 0])
 
 
-def build_fusion(kind: str, vision_dim: int, text_dim: int, dim: int) -> nn.Module:
+FUSIONS: dict[str, type[nn.Module]] = {
+    "concat": ConcatFusion,
+    "gated": GatedFusion,
+    "cross_attention": CrossAttentionFusion,
+    "multimodal_transformer": MultimodalTransformerFusion,
+}
+
+
+def build_fusion(kind: str, vision_dim: int, text_dim: int, dim: int, **kwargs) -> nn.Module:
+    """The fusion module ``kind`` (one of :data:`FUSION_KINDS`); ``kwargs`` go to its constructor
+    (e.g. ``layers``/``heads`` for ``multimodal_transformer``, ``heads`` for ``cross_attention``)."""
     if kind not in FUSIONS:
-        raise ValueError(f"fusion {kind!r}: expected one of {sorted(FUSIONS)}")
-    return FUSIONS[kind](vision_dim, text_dim, dim)
+        raise ValueError(f"fusion {kind!r}: expected one of {list(FUSION_KINDS)}")
+    return FUSIONS[kind](vision_dim, text_dim, dim, **kwargs)
+
+
+def fusion_flops(kind: str, ni: int, nt: int, dim: int, *, vision_dim: int | None = None,
+                 text_dim: int | None = None, layers: int = MT_LAYERS) -> int:
+    """Approximate multiply-adds of one forward pass for ONE (image, text) pair.
+
+    Counts the matrix products only (linear layers and attention scores/mixing); biases, norms, activations and
+    softmax are left out (lower order). ``ni``/``nt`` are token counts including [CLS]; ``vision_dim``/``text_dim``
+    default to ``dim``. With ``Dv, Dt, d = vision_dim, text_dim, dim``:
+
+    - concat:                 ``(Dv + Dt) d + d^2``
+    - gated:                  ``2 (Dv + Dt) d``  (two tanh projections + the gate)
+    - cross_attention:        ``nt Dt d + ni Dv d`` (input projections)
+                              ``+ nt d^2 + 2 ni d^2`` (attention's q, k, v in-projections)
+                              ``+ 2 nt ni d`` (scores and weighted sum)
+                              ``+ nt d^2 + 8 nt d^2`` (out-projection, 4x feed-forward); every text token is computed
+                              although only the [CLS] is read out
+    - multimodal_transformer: ``ni Dv d + nt Dt d + layers (12 n d^2 + 2 n^2 d)`` with ``n = 1 + ni + nt``
+                              (per layer: q, k, v, out projections 4 n d^2, feed-forward 8 n d^2, attention 2 n^2 d)
+
+    FLOPs are about twice these numbers. Padding is counted as computed (the sequence length is the padded one).
+    """
+    dv = dim if vision_dim is None else vision_dim
+    dt = dim if text_dim is None else text_dim
+    d = dim
+    if kind == "concat":
+        return (dv + dt) * d + d * d
+    if kind == "gated":
+        return 2 * (dv + dt) * d
+    if kind == "cross_attention":
+        return nt * dt * d + ni * dv * d + nt * d * d + 2 * ni * d * d + 2 * nt * ni * d + 9 * nt * d * d
+    if kind == "multimodal_transformer":
+        n = 1 + ni + nt
+        return ni * dv * d + nt * dt * d + layers * (12 * n * d * d + 2 * n * n * d)
+    raise ValueError(f"fusion {kind!r}: expected one of {list(FUSION_KINDS)}")
