@@ -147,6 +147,7 @@ class LossWeights(_Section):
     contrastive: float = Field(1.0, ge=0.0)
     captioning: float = Field(1.0, ge=0.0)
     itm: float = Field(0.5, ge=0.0, description="image-text matching on the fused pair, hard negatives")
+    triplet: float = Field(0.0, ge=0.0, description="VSE++ triplet loss with the hardest in-batch negatives")
 
 
 class TrainParams(_Section):
@@ -157,6 +158,9 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
     embed_dim: int = Field(128, ge=8)
+    foil_negatives: bool = Field(False, description="NegCLIP: each caption's composition foil (attributes swapped, "
+                                                    "relation reversed or words shuffled) as an extra negative")
+    triplet_margin: float = Field(0.2, gt=0.0)
     fusion: Literal["concat", "gated", "cross_attention", "multimodal_transformer"] = Field(
         "cross_attention", description="how image and text meet for ITM (mmplatform/models/fusion.py)")
     vision: VisionParams = Field(default_factory=VisionParams)

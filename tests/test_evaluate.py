@@ -52,3 +52,31 @@ def test_annotate_agreement_statistics(tmp_path):
     assert abs(stats["caption_agreement_mean"] - (1.0 + 0.25) / 2) < 1e-9
     assert stats["caption_agreement_min"] == 0.25 and stats["low_agreement_images"] == 1
     assert len(read_dataset(tmp_path / "out")) == 3
+
+
+def test_aro_metrics_count_each_foil_kind_and_stay_in_range():
+    import torch
+
+    from mmplatform.config import TrainParams
+    from mmplatform.data.synthetic import generate_synthetic
+    from mmplatform.evaluate.evaluate import aro_metrics
+    from mmplatform.models.multimodal import MultimodalModel
+    from mmplatform.models.tokenizer import train_tokenizer
+    from mmplatform.train.batches import decode_images
+    from mmplatform.train.recipe import model_config
+
+    recs = [r for r in generate_synthetic(n_train=8, n_val=1, n_test=24, n_test_compositional=1)
+            if r["split"] == "test"]
+    tok = train_tokenizer([c for r in recs for c in r["captions"]], 256)
+    torch.manual_seed(0)
+    p = TrainParams.model_validate({"embed_dim": 16, "vision": {"hidden_size": 16, "layers": 1, "heads": 2},
+                                    "text": {"hidden_size": 16, "layers": 1, "heads": 2},
+                                    "decoder": {"hidden_size": 16, "layers": 1, "heads": 2}})
+    model = MultimodalModel(model_config(p, tok, 64)).eval()
+    m = aro_metrics(model, tok, recs, decode_images(recs, 64), batch=7)
+    assert m["aro_order_n"] == 24  # every caption can be shuffled
+    assert 0 < m["aro_attribution_n"] <= 24 and 0 < m["aro_relation_n"] <= 24
+    for key in ("aro_attribution", "aro_relation", "aro_order"):
+        assert 0.0 <= m[key] <= 1.0 and 0.0 <= m[f"{key}_itm"] <= 1.0
+    # The same call twice gives the same figures (foils are seeded).
+    assert aro_metrics(model, tok, recs, decode_images(recs, 64), batch=7) == m

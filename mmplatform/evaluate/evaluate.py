@@ -64,6 +64,60 @@ def similarity(model: MultimodalModel, tokenizer, records: list[dict], batch: in
     return txt @ img.T, caps.owner, images
 
 
+ARO_KEYS = {"attribute": "aro_attribution", "relation": "aro_relation", "order": "aro_order"}
+
+
+@torch.no_grad()
+def aro_metrics(model: MultimodalModel, tokenizer, records: list[dict], images: torch.Tensor, *, seed: int = 0,
+                batch: int = 256, suffix: str = "") -> dict[str, float]:
+    """Binding, not bag-of-words (ARO, Yuksekgonul et al. ICLR 2023): for each image and its first caption,
+    does the model score the caption above a foil with attributes swapped between objects, with a relation
+    reversed, with the words shuffled? Accuracy per kind (chance 0.5), by contrastive similarity
+    (``aro_*``) and by the fused image-text-matching head (``aro_*_itm``), over the images where that kind
+    of foil exists (``aro_*_n``)."""
+    import numpy as np
+
+    from mmplatform.data.foils import foils
+
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[int, str, str, str]] = []  # (image index, kind, caption, foil)
+    for i, r in enumerate(records):
+        cap = r["captions"][0]
+        for kind, foil in foils(cap, rng).items():
+            rows.append((i, kind, cap, foil))
+    if not rows:
+        return {}
+    img_idx = torch.tensor([r[0] for r in rows])
+    texts = [r[2] for r in rows] + [r[3] for r in rows]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=model.cfg.max_length, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    n = len(rows)
+    contrastive, itm = [], []
+    for s in range(0, n, batch):
+        sl = slice(s, min(n, s + batch))
+        idx = img_idx[sl]
+        img_tok = model.image_tokens(images[idx])
+        img = model.embed_image_tokens(img_tok)
+        scores_c, scores_m = [], []
+        for off in (0, n):  # true captions, then foils
+            t_ids, t_mask = ids[off + sl.start:off + sl.stop], mask[off + sl.start:off + sl.stop]
+            txt_tok = model.text_tokens(t_ids, t_mask)
+            scores_c.append((img * model.embed_text_tokens(txt_tok)).sum(-1))
+            scores_m.append(model.itm_logits(img_tok, txt_tok, t_mask).log_softmax(-1)[:, 1])
+        contrastive.append(scores_c[0] > scores_c[1])
+        itm.append(scores_m[0] > scores_m[1])
+    win_c, win_m = torch.cat(contrastive), torch.cat(itm)
+    kinds = [r[1] for r in rows]
+    out: dict[str, float] = {}
+    for kind, key in ARO_KEYS.items():
+        sel = torch.tensor([k == kind for k in kinds])
+        if sel.any():
+            out[f"{key}{suffix}"] = float(win_c[sel].float().mean())
+            out[f"{key}_itm{suffix}"] = float(win_m[sel].float().mean())
+            out[f"{key}_n{suffix}"] = int(sel.sum())
+    return out
+
+
 def caption_scores(candidates: list[str], refs: list[list[str]], tag: str, suffix: str = "") -> dict[str, float]:
     return {f"cider_d_{tag}{suffix}": float(CiderD().score(candidates, refs).mean()),
             f"bleu4_{tag}{suffix}": float(bleu4(candidates, refs))}
@@ -91,6 +145,7 @@ def evaluate(xe_dir: str | Path, rl_dir: str | Path, data_dir: str | Path, out_d
         metrics[f"n_images{suffix}"] = len(recs)
         metrics[f"n_captions{suffix}"] = len(owner)
         metrics[f"chance_t2i_recall@5{suffix}"] = min(1.0, 5 / len(recs))
+        metrics |= aro_metrics(rl, tok, recs, images, batch=batch_size, suffix=suffix)
         refs = [r["captions"] for r in recs]
         caps_xe = greedy_captions(xe, tok, images, max_length, batch_size)
         caps_rl = greedy_captions(rl, tok, images, max_length, batch_size)

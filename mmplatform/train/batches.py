@@ -52,3 +52,37 @@ def sample_caption_per_image(rows: list[list[int]], idx: Sequence[int], gen: tor
     """One caption index for each image in ``idx``, drawn uniformly (seeded) among its captions."""
     pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen).tolist()
     return torch.tensor([rows[i][p % len(rows[i])] for i, p in zip(idx, pick, strict=True)], dtype=torch.long)
+
+
+@dataclass
+class FoilTable:
+    """One composition foil per caption of a :class:`CaptionTable` (NegCLIP), aligned by caption index;
+    ``has[j]`` is False where no foil applies (its row is then a copy of the caption and is masked out)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    has: torch.Tensor  # (M,) bool
+    kinds: list[str]
+
+
+def foil_table(tokenizer, caps: CaptionTable, max_length: int, seed: int = 0) -> FoilTable:
+    """Draw one foil kind per caption among those that apply (seeded), as NegCLIP samples one per pair."""
+    import numpy as np
+
+    from mmplatform.data.foils import foils
+
+    rng = np.random.default_rng(seed)
+    texts, has, kinds = [], [], []
+    for c in caps.texts:
+        options = foils(c, rng)
+        if options:
+            kind = sorted(options)[int(rng.integers(len(options)))]
+            texts.append(options[kind])
+            has.append(True)
+            kinds.append(kind)
+        else:
+            texts.append(c)
+            has.append(False)
+            kinds.append("")
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return FoilTable(enc["input_ids"], enc["attention_mask"], torch.tensor(has), kinds)

@@ -26,10 +26,17 @@ import torch
 
 from mmplatform.compute import average_gradients
 from mmplatform.config import TrainParams
-from mmplatform.models.losses import MAX_LOGIT_SCALE, caption_loss, clip_loss, sample_hard_negatives
+from mmplatform.models.losses import (
+    MAX_LOGIT_SCALE,
+    caption_loss,
+    clip_loss,
+    clip_loss_with_hard_negatives,
+    sample_hard_negatives,
+    triplet_loss,
+)
 from mmplatform.models.multimodal import ModelConfig, MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer
-from mmplatform.train.batches import decode_images, sample_caption_per_image, tokenize_captions
+from mmplatform.train.batches import decode_images, foil_table, sample_caption_per_image, tokenize_captions
 
 log = logging.getLogger(__name__)
 CKPT = "last.pt"
@@ -67,12 +74,24 @@ def lr_lambda(warmup: int, total: int):
 
 
 def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                   weights, gen: torch.Generator, itm_pairs: int = 32) -> dict[str, torch.Tensor]:
+                   weights, gen: torch.Generator, itm_pairs: int = 32, *, foils: tuple | None = None,
+                   triplet_margin: float = 0.2) -> dict[str, torch.Tensor]:
+    """The weighted objectives on one batch. ``foils``: ``(ids, mask, has)`` of one composition foil per
+    caption; they become extra image->text negatives (NegCLIP, Yuksekgonul et al. ICLR 2023), which is
+    what teaches the text side to bind attributes to objects instead of bagging words."""
     img_tok = model.image_tokens(images)
     txt_tok = model.text_tokens(ids, mask)
     img = model.embed_image_tokens(img_tok)
     txt = model.embed_text_tokens(txt_tok)
-    losses = {"contrastive": clip_loss(img, txt, model.logit_scale)}
+    if foils is not None:
+        f_ids, f_mask, has = foils
+        neg = model.embed_text_tokens(model.text_tokens(f_ids, f_mask))
+        losses = {"contrastive": clip_loss_with_hard_negatives(img, txt, neg[:, None], model.logit_scale,
+                                                               has[:, None])}
+    else:
+        losses = {"contrastive": clip_loss(img, txt, model.logit_scale)}
+    if weights.triplet > 0:
+        losses["triplet"] = triplet_loss(img, txt, triplet_margin)
     if weights.itm > 0:
         # Negatives are mined over the whole batch, but only the first ``itm_pairs`` anchors are fused:
         # the fusion pass over 3x the anchors is the costly part, and the ITM loss saturates early.
@@ -129,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     images = decode_images(train_recs, image_size)
     caps = tokenize_captions(tokenizer, train_recs, p.text.max_length)
     rows = caps.per_image(len(train_recs))
+    foil_tab = foil_table(tokenizer, caps, p.text.max_length, p.seed) if p.foil_negatives else None
     val_images = decode_images(val_recs, image_size)
     val_caps = tokenize_captions(tokenizer, val_recs, p.text.max_length)
     val_first = torch.tensor([r[0] for r in val_caps.per_image(len(val_recs))])
@@ -166,7 +186,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             idx = perm[step * global_batch:(step + 1) * global_batch][rank * local_batch:(rank + 1) * local_batch]
             cap_idx = sample_caption_per_image(rows, idx.tolist(), gen)
             ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
-            losses = multitask_loss(model, images[idx], ids, mask, p.loss_weights, gen)
+            batch_foils = None
+            if foil_tab is not None:
+                f_ids, f_mask = trim(foil_tab.ids[cap_idx], foil_tab.mask[cap_idx])
+                batch_foils = (f_ids, f_mask, foil_tab.has[cap_idx])
+            losses = multitask_loss(model, images[idx], ids, mask, p.loss_weights, gen, foils=batch_foils,
+                                    triplet_margin=p.triplet_margin)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             average_gradients(model.parameters())

@@ -1,0 +1,297 @@
+"""Benchmark: the training step loop in Ray Train (as ``mmplatform.train.recipe`` runs it) vs a plain torch loop.
+
+    python bench/train_bench.py [--steps 40] [--batch 128] [--repeats 3] [--images 2048] [--no-mlflow]
+
+Both paths run the same model (``TrainParams`` defaults: ``recipe.model_config``), the same data (a
+seeded in-memory synthetic set, decoded and tokenised by ``train.batches``), the same optimiser
+(AdamW with the recipe's decay groups, its LR schedule, gradient clipping, logit-scale clamp) and the
+same loss (``recipe.multitask_loss``), step for step the recipe's inner loop, from the same seed.
+
+- A: a plain single-process loop in this interpreter, ``torch.set_num_threads(2)``.
+- B: ``compute.run_workers`` (the recipe's seam: ``TorchTrainer``, 1 worker, ``cpus_per_worker=2``) with
+  the recipe's per-worker set-up (``torch.set_num_threads(threads_per_worker or cpus_per_worker)``) and,
+  unless ``--no-mlflow``, its MLflow logging every 20 steps to a run in a temporary SQLite store.
+
+Only the training steps are timed (after ``--warmup`` untimed steps), inside the process that runs them;
+Ray start-up, worker-group start/stop and the per-worker set-up are reported separately as fixed costs.
+Runs alternate A, B, A, B ... for ``--repeats``. Per step the loop records the *data wait* (end of one
+optimiser step to the next batch's tensors being ready: bookkeeping, logging, index sampling, gather,
+trim) and the compute (loss, backward, optimiser step). Writes ``bench/results/train.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmplatform.compute import average_gradients
+from mmplatform.config import TrainParams
+from mmplatform.models.losses import MAX_LOGIT_SCALE
+from mmplatform.models.multimodal import MultimodalModel
+from mmplatform.models.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from mmplatform.train.batches import decode_images, sample_caption_per_image, tokenize_captions
+from mmplatform.train.recipe import lr_lambda, model_config, multitask_loss, save_checkpoint, seed_everything, trim
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+LOG_EVERY = 20  # the recipe logs train metrics every 20 steps
+
+
+# ----------------------------------------------------------------------------- shared by A and B
+def setup(config: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``setup``: seed, decode images once, tokenise captions, model, optimiser, scheduler."""
+    p = TrainParams.model_validate(config["params"])
+    seed_everything(p.seed)
+    tokenizer = load_tokenizer(config["tokenizer_dir"])
+    recs = config["records"]
+    images = decode_images(recs, config["image_size"])
+    caps = tokenize_captions(tokenizer, recs, p.text.max_length)
+    model = MultimodalModel(model_config(p, tokenizer, config["image_size"]))
+    decay = [q for n, q in model.named_parameters() if q.ndim >= 2]
+    no_decay = [q for n, q in model.named_parameters() if q.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+    steps_per_epoch = len(recs) // p.batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p.warmup_steps, steps_per_epoch * p.epochs))
+    return {"p": p, "images": images, "caps": caps, "rows": caps.per_image(len(recs)), "model": model,
+            "opt": opt, "sched": sched, "steps_per_epoch": steps_per_epoch, "n": len(recs),
+            "gen": torch.Generator().manual_seed(p.seed * 1000)}
+
+
+def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None) -> dict[str, Any]:
+    """The recipe's inner loop (world size 1), instrumented; the first ``warmup`` steps are not counted."""
+    from mmplatform import tracking
+
+    p, model, opt, sched, gen = s["p"], s["model"], s["opt"], s["sched"], s["gen"]
+    images, caps, rows, spe, batch = s["images"], s["caps"], s["rows"], s["steps_per_epoch"], p.batch_size
+    model.train()
+    wait, compute, logging_s, losses_seen = [], [], [], []
+    sums: dict[str, float] = {}
+    perm = None
+    t_end = time.perf_counter()
+    for gstep in range(warmup + steps):
+        epoch, step = divmod(gstep, spe)
+        if step == 0:
+            perm = torch.randperm(s["n"], generator=torch.Generator().manual_seed(p.seed + epoch))
+        idx = perm[step * batch:(step + 1) * batch]
+        cap_idx = sample_caption_per_image(rows, idx.tolist(), gen)
+        ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
+        x = images[idx]
+        t_ready = time.perf_counter()
+        losses = multitask_loss(model, x, ids, mask, p.loss_weights, gen)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        average_gradients(model.parameters())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        t_step = time.perf_counter()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        t_log = time.perf_counter()
+        if step % LOG_EVERY == 0:
+            tracking.log_metrics(run_id, {f"train/{k}": float(v) for k, v in losses.items()}
+                                 | {"train/lr": sched.get_last_lr()[0],
+                                    "train/logit_scale": float(model.logit_scale.exp())}, gstep)
+        t_logged = time.perf_counter()
+        if gstep >= warmup:
+            wait.append(t_ready - t_end)  # bookkeeping + logging of the previous step + this batch
+            compute.append(t_step - t_ready)
+            logging_s.append(t_logged - t_log)  # this step's MLflow call (counted in the next step's wait)
+            losses_seen.append(float(losses["total"]))
+        t_end = t_logged
+    step_time = [w + c for w, c in zip(wait, compute, strict=True)]
+    total = sum(step_time)
+    return {"steps": steps, "batch": batch, "seconds": total, "samples_per_s": steps * batch / total,
+            "data_wait_s": sum(wait), "data_wait_share": sum(wait) / total, "compute_s": sum(compute),
+            "mlflow_log_s": sum(logging_s),
+            "median_step_s": statistics.median(step_time), "first_loss": losses_seen[0], "last_loss": losses_seen[-1],
+            "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
+def env_info() -> dict[str, Any]:
+    aff = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"pid": os.getpid(), "cpu_affinity": aff, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"), "torch_threads_at_entry": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- A: plain loop
+def run_plain(config: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    s = setup(config)
+    setup_s = time.perf_counter() - t0
+    out = run_steps(s, steps, warmup, None)
+    return {**out, "setup_s": setup_s}
+
+
+# ----------------------------------------------------------------------------- B: Ray Train worker
+def ray_worker(config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker: the recipe's per-worker preamble, then the same set-up and loop."""
+    import ray.train
+
+    t_enter = time.time()
+    if config.get("mlflow_uri"):
+        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
+    env = env_info()
+    p = TrainParams.model_validate(config["params"])
+    ctx = ray.train.get_context()
+    torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)  # as train_loop_per_worker does
+    t0 = time.perf_counter()
+    s = setup(config)
+    setup_s = time.perf_counter() - t0
+    out = run_steps(s, config["steps"], config["warmup"], config.get("mlflow_run_id"))
+    # Per-epoch costs of the recipe, timed once here (not in the step figures).
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(Path(d), s["model"], s["opt"], s["sched"], 0, [])
+    ckpt_s = time.perf_counter() - t0
+    out |= {"setup_s": setup_s, "checkpoint_s": ckpt_s, "env": env, "world_size": ctx.get_world_size(),
+            "t_enter": t_enter}
+    t0 = time.perf_counter()
+    ray.train.report({"bench_ok": 1.0})
+    out["report_s"] = time.perf_counter() - t0
+    out["t_exit"] = time.time()
+    Path(config["result_path"]).write_text(json.dumps(out))
+
+
+def run_ray(config: dict[str, Any], steps: int, warmup: int, work: Path, i: int) -> dict[str, Any]:
+    from mmplatform.compute import run_workers
+
+    p = TrainParams.model_validate(config["params"])
+    result_path = work / f"ray-{i}.json"
+    cfg = {**config, "steps": steps, "warmup": warmup, "result_path": str(result_path)}
+    t0 = time.time()
+    run_workers(ray_worker, cfg, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker,
+                storage_path=work / "ray", name=f"bench-{i}")
+    t1 = time.time()
+    out = json.loads(result_path.read_text())
+    out["fit_s"] = t1 - t0
+    out["worker_start_s"] = out["t_enter"] - t0  # trainer.fit() to our function running on the worker
+    out["worker_stop_s"] = t1 - out["t_exit"]  # our function returning to trainer.fit() returning
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def build_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from mmplatform.data.synthetic import generate_synthetic
+
+    p = TrainParams(batch_size=args.batch)
+    if args.vision_layers:
+        p.vision.layers = args.vision_layers
+    recs = generate_synthetic(seed=args.seed, n_train=args.images, n_val=1, n_test=1, n_test_compositional=0)
+    recs = [r for r in recs if r["split"] == "train"]
+    tok = train_tokenizer((c for r in recs for c in r["captions"]), p.text.vocab_size)
+    save_tokenizer(tok, work / "tokenizer")
+    n_params = sum(q.numel() for q in MultimodalModel(model_config(p, tok, int(recs[0]["width"]))).parameters())
+    return {"params": p.model_dump(), "tokenizer_dir": str(work / "tokenizer"), "records": recs,
+            "image_size": int(recs[0]["width"]), "n_params": n_params}
+
+
+def mlflow_run(work: Path) -> tuple[str, str]:
+    """A run in a throw-away SQLite store (the recipe logs to the stage's run by id)."""
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # before Ray starts, so its workers inherit it as in the stage
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment("train-bench", artifact_location=(work / "mlartifacts").as_uri())
+    return uri, client.create_run(exp).info.run_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed optimiser steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--batch", type=int, default=128, help="batch size (TrainParams default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="A/B pairs, alternating")
+    parser.add_argument("--images", type=int, default=2048, help="synthetic training images")
+    parser.add_argument("--vision-layers", type=int, default=0, help="override vision.layers (0: default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-mlflow", action="store_true", help="B without the recipe's MLflow logging")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    from mmplatform.compute import init_ray
+
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        config = build_config(args, work)
+        build_s = time.perf_counter() - t0
+        uri, run_id = (None, None) if args.no_mlflow else mlflow_run(work)
+        config |= {"mlflow_uri": uri, "mlflow_run_id": run_id}
+        p = TrainParams.model_validate(config["params"])
+        t0 = time.perf_counter()
+        init_ray(max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker))  # what run_workers would do
+        ray_init_s = time.perf_counter() - t0
+
+        runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+        for i in range(args.repeats):
+            runs["A"].append(run_plain(config, args.steps, args.warmup))
+            print(f"  repeat {i}: A {runs['A'][-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+            runs["B"].append(run_ray(config, args.steps, args.warmup, work, i))
+            print(f"  repeat {i}: B {runs['B'][-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+        import ray
+
+        ray.shutdown()
+
+    def med(path: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[path])
+
+    a, b = med("A", "samples_per_s"), med("B", "samples_per_s")
+    pair_ratios = [rb["samples_per_s"] / ra["samples_per_s"] for ra, rb in zip(runs["A"], runs["B"], strict=True)]
+    b_no_log = statistics.median(r["steps"] * r["batch"] / (r["seconds"] - r["mlflow_log_s"]) for r in runs["B"])
+    summary = {
+        "A_samples_per_s": a, "B_samples_per_s": b, "ratio_B_over_A": b / a, "pair_ratios": pair_ratios,
+        "ratio_B_without_mlflow_over_A": b_no_log / a, "target": 0.90,
+        "A_data_wait_share": med("A", "data_wait_share"), "B_data_wait_share": med("B", "data_wait_share"),
+        "B_mlflow_log_s_per_run": med("B", "mlflow_log_s"), "B_checkpoint_s": med("B", "checkpoint_s"),
+        "ray_init_s": ray_init_s, "B_worker_start_s": med("B", "worker_start_s"),
+        "B_worker_stop_s": med("B", "worker_stop_s"), "B_fit_s": med("B", "fit_s"),
+        "A_setup_s": med("A", "setup_s"), "B_setup_s": med("B", "setup_s"),
+    }
+    report = {
+        "setup": {"images": len(config["records"]), "image_size": config["image_size"], "steps": args.steps,
+                  "warmup": args.warmup, "batch": args.batch, "repeats": args.repeats, "seed": args.seed,
+                  "model_params": config["n_params"], "train_params": config["params"],
+                  "mlflow_logging_in_B": not args.no_mlflow, "cpu_count": os.cpu_count(),
+                  "torch": torch.__version__, "python": platform.python_version(), "dataset_build_s": build_s},
+        "summary": summary, "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+    print(f"{len(config['records'])} synthetic images {config['image_size']}px, model {config['n_params'] / 1e6:.2f}M "
+          f"params, batch {args.batch}, {args.steps} timed steps (+{args.warmup} warm-up), "
+          f"{args.repeats} x A/B, median")
+    header = f"{'path':44s} {'samples/s':>10s} {'step ms':>8s} {'data wait':>10s} {'threads':>8s}"
+    print(header)
+    print("-" * len(header))
+    for key, name in (("A", "A plain torch loop, 2 threads"), ("B", "B Ray Train, 1 worker x 2 CPU (recipe)")):
+        print(f"{name:44s} {med(key, 'samples_per_s'):10.1f} {med(key, 'median_step_s') * 1e3:8.0f} "
+              f"{med(key, 'data_wait_share'):9.2%} {runs[key][0]['torch_threads']:8d}")
+    print(f"ratio B/A = {b / a:.3f} (pairs: {', '.join(f'{r:.3f}' for r in pair_ratios)}; target >= 0.90); "
+          f"B/A without the MLflow calls = {b_no_log / a:.3f}")
+    print(f"fixed costs: ray.init {ray_init_s:.1f} s once; per fit: worker start {summary['B_worker_start_s']:.1f} s, "
+          f"stop {summary['B_worker_stop_s']:.1f} s; set-up A {summary['A_setup_s']:.1f} s, "
+          f"B {summary['B_setup_s']:.1f} s; checkpoint {summary['B_checkpoint_s']:.2f} s/epoch; "
+          f"MLflow {summary['B_mlflow_log_s_per_run']:.2f} s per {args.steps} steps")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
