@@ -29,7 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,17 @@ def setup(config: dict[str, Any]) -> dict[str, Any]:
             "gen": torch.Generator().manual_seed(p.seed * 1000)}
 
 
-def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None) -> dict[str, Any]:
-    """The recipe's inner loop (world size 1), instrumented; the first ``warmup`` steps are not counted."""
+def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
+              others_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
+    """The recipe's inner loop (world size 1), instrumented; the first ``warmup`` steps are not counted.
+
+    ``others_cpu`` returns the CPU seconds used so far by the other processes of interest (B: Ray's);
+    it is read at the start and end of the timed window.
+    """
     from mmplatform import tracking
+
+    # float() of a loss that requires grad, as the recipe does it, warns once per process
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
 
     p, model, opt, sched, gen = s["p"], s["model"], s["opt"], s["sched"], s["gen"]
     images, caps, rows, spe, batch = s["images"], s["caps"], s["rows"], s["steps_per_epoch"], p.batch_size
@@ -80,6 +89,8 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None) ->
     perm = None
     t_end = time.perf_counter()
     for gstep in range(warmup + steps):
+        if gstep == warmup:
+            cpu0, others0, load0 = time.process_time(), others_cpu() if others_cpu else 0.0, os.getloadavg()[0]
         epoch, step = divmod(gstep, spe)
         if step == 0:
             perm = torch.randperm(s["n"], generator=torch.Generator().manual_seed(p.seed + epoch))
@@ -112,12 +123,16 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None) ->
             logging_s.append(t_logged - t_log)  # this step's MLflow call (counted in the next step's wait)
             losses_seen.append(float(losses["total"]))
         t_end = t_logged
+    cpu = time.process_time() - cpu0
+    others = (others_cpu() if others_cpu else 0.0) - others0
     step_time = [w + c for w, c in zip(wait, compute, strict=True)]
     total = sum(step_time)
     return {"steps": steps, "batch": batch, "seconds": total, "samples_per_s": steps * batch / total,
             "data_wait_s": sum(wait), "data_wait_share": sum(wait) / total, "compute_s": sum(compute),
             "mlflow_log_s": sum(logging_s),
-            "median_step_s": statistics.median(step_time), "first_loss": losses_seen[0], "last_loss": losses_seen[-1],
+            "median_step_s": statistics.median(step_time), "step_s": step_time, "cpu_s": cpu,
+            "cpu_ms_per_sample": cpu / (steps * batch) * 1e3, "others_cpu_s": others,
+            "loadavg_1min": [load0, os.getloadavg()[0]], "first_loss": losses_seen[0], "last_loss": losses_seen[-1],
             "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
 
@@ -138,6 +153,28 @@ def run_plain(config: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- B: Ray Train worker
+def ray_tree_cpu(driver_pid: int) -> Callable[[], float]:
+    """CPU seconds of the driver and every process under it (Ray's GCS, raylet, dashboard, agents, idle
+    workers, Train's controller actors), this worker excluded; a process that appears counts in full."""
+    import psutil
+
+    root, me = psutil.Process(driver_pid), os.getpid()
+    last: dict[int, float] = {}
+
+    def total() -> float:
+        for pr in [root, *root.children(recursive=True)]:
+            if pr.pid == me:
+                continue
+            try:
+                t = pr.cpu_times()
+                last[pr.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return sum(last.values())
+
+    return total
+
+
 def ray_worker(config: dict[str, Any]) -> None:
     """Runs on the Ray Train worker: the recipe's per-worker preamble, then the same set-up and loop."""
     import ray.train
@@ -152,7 +189,8 @@ def ray_worker(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     s = setup(config)
     setup_s = time.perf_counter() - t0
-    out = run_steps(s, config["steps"], config["warmup"], config.get("mlflow_run_id"))
+    out = run_steps(s, config["steps"], config["warmup"], config.get("mlflow_run_id"),
+                    ray_tree_cpu(config["driver_pid"]))
     # Per-epoch costs of the recipe, timed once here (not in the step figures).
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
@@ -168,17 +206,27 @@ def ray_worker(config: dict[str, Any]) -> None:
 
 
 def run_ray(config: dict[str, Any], steps: int, warmup: int, work: Path, i: int) -> dict[str, Any]:
-    from mmplatform.compute import run_workers
+    """Start Ray (as ``run_workers`` would), fit, shut Ray down: A then runs with no Ray processes about."""
+    import psutil
+    import ray
+
+    from mmplatform.compute import init_ray, run_workers
 
     p = TrainParams.model_validate(config["params"])
     result_path = work / f"ray-{i}.json"
-    cfg = {**config, "steps": steps, "warmup": warmup, "result_path": str(result_path)}
+    cfg = {**config, "steps": steps, "warmup": warmup, "result_path": str(result_path), "driver_pid": os.getpid()}
+    t0 = time.perf_counter()
+    init_ray(max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker))
+    ray_init_s = time.perf_counter() - t0
     t0 = time.time()
     run_workers(ray_worker, cfg, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker,
                 storage_path=work / "ray", name=f"bench-{i}")
     t1 = time.time()
+    ray.shutdown()
+    shutdown_s = time.time() - t1
     out = json.loads(result_path.read_text())
-    out["fit_s"] = t1 - t0
+    out |= {"fit_s": t1 - t0, "ray_init_s": ray_init_s, "ray_shutdown_s": shutdown_s,
+            "ray_processes_left": len(psutil.Process().children(recursive=True))}
     out["worker_start_s"] = out["t_enter"] - t0  # trainer.fit() to our function running on the worker
     out["worker_stop_s"] = t1 - out["t_exit"]  # our function returning to trainer.fit() returning
     return out
@@ -224,8 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from mmplatform.compute import init_ray
-
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
@@ -233,20 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_s = time.perf_counter() - t0
         uri, run_id = (None, None) if args.no_mlflow else mlflow_run(work)
         config |= {"mlflow_uri": uri, "mlflow_run_id": run_id}
-        p = TrainParams.model_validate(config["params"])
-        t0 = time.perf_counter()
-        init_ray(max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker))  # what run_workers would do
-        ray_init_s = time.perf_counter() - t0
-
         runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
         for i in range(args.repeats):
             runs["A"].append(run_plain(config, args.steps, args.warmup))
             print(f"  repeat {i}: A {runs['A'][-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
             runs["B"].append(run_ray(config, args.steps, args.warmup, work, i))
             print(f"  repeat {i}: B {runs['B'][-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
-        import ray
-
-        ray.shutdown()
 
     def med(path: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[path])
@@ -259,9 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_B_without_mlflow_over_A": b_no_log / a, "target": 0.90,
         "A_data_wait_share": med("A", "data_wait_share"), "B_data_wait_share": med("B", "data_wait_share"),
         "B_mlflow_log_s_per_run": med("B", "mlflow_log_s"), "B_checkpoint_s": med("B", "checkpoint_s"),
-        "ray_init_s": ray_init_s, "B_worker_start_s": med("B", "worker_start_s"),
+        "A_cpu_ms_per_sample": med("A", "cpu_ms_per_sample"), "B_cpu_ms_per_sample": med("B", "cpu_ms_per_sample"),
+        "B_ray_others_cpu_s": med("B", "others_cpu_s"),
+        "B_ray_others_cpu_share": statistics.median(r["others_cpu_s"] / r["seconds"] for r in runs["B"]),
+        "ray_init_s": med("B", "ray_init_s"), "ray_shutdown_s": med("B", "ray_shutdown_s"),
+        "B_worker_start_s": med("B", "worker_start_s"),
         "B_worker_stop_s": med("B", "worker_stop_s"), "B_fit_s": med("B", "fit_s"),
         "A_setup_s": med("A", "setup_s"), "B_setup_s": med("B", "setup_s"),
+        "ratio_by_median_step": med("A", "median_step_s") / med("B", "median_step_s"),
+        "B_threads_in_worker": runs["B"][0]["torch_threads"], "B_worker_env": runs["B"][0]["env"],
     }
     report = {
         "setup": {"images": len(config["records"]), "image_size": config["image_size"], "steps": args.steps,
@@ -276,19 +320,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"{len(config['records'])} synthetic images {config['image_size']}px, model {config['n_params'] / 1e6:.2f}M "
           f"params, batch {args.batch}, {args.steps} timed steps (+{args.warmup} warm-up), "
-          f"{args.repeats} x A/B, median")
-    header = f"{'path':44s} {'samples/s':>10s} {'step ms':>8s} {'data wait':>10s} {'threads':>8s}"
+          f"{args.repeats} x A/B alternating, medians; load average (1 min) during the runs "
+          f"{min(x for r in runs['A'] + runs['B'] for x in r['loadavg_1min']):.1f}.."
+          f"{max(x for r in runs['A'] + runs['B'] for x in r['loadavg_1min']):.1f}")
+    header = (f"{'path':40s} {'samples/s':>10s} {'step ms':>8s} {'data wait':>10s} {'CPU ms/sample':>14s} "
+              f"{'Ray procs CPU':>14s} {'threads':>8s}")
     print(header)
     print("-" * len(header))
     for key, name in (("A", "A plain torch loop, 2 threads"), ("B", "B Ray Train, 1 worker x 2 CPU (recipe)")):
-        print(f"{name:44s} {med(key, 'samples_per_s'):10.1f} {med(key, 'median_step_s') * 1e3:8.0f} "
-              f"{med(key, 'data_wait_share'):9.2%} {runs[key][0]['torch_threads']:8d}")
-    print(f"ratio B/A = {b / a:.3f} (pairs: {', '.join(f'{r:.3f}' for r in pair_ratios)}; target >= 0.90); "
-          f"B/A without the MLflow calls = {b_no_log / a:.3f}")
-    print(f"fixed costs: ray.init {ray_init_s:.1f} s once; per fit: worker start {summary['B_worker_start_s']:.1f} s, "
-          f"stop {summary['B_worker_stop_s']:.1f} s; set-up A {summary['A_setup_s']:.1f} s, "
-          f"B {summary['B_setup_s']:.1f} s; checkpoint {summary['B_checkpoint_s']:.2f} s/epoch; "
-          f"MLflow {summary['B_mlflow_log_s_per_run']:.2f} s per {args.steps} steps")
+        others = f"{summary['B_ray_others_cpu_share']:.1%}" if key == "B" else "-"
+        print(f"{name:40s} {med(key, 'samples_per_s'):10.1f} {med(key, 'median_step_s') * 1e3:8.0f} "
+              f"{med(key, 'data_wait_share'):10.2%} {med(key, 'cpu_ms_per_sample'):14.2f} {others:>14s} "
+              f"{runs[key][0]['torch_threads']:8d}")
+    print(f"ratio B/A = {b / a:.3f} (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)}; target >= 0.90); "
+          f"by median step time {summary['ratio_by_median_step']:.3f}; B/A without the MLflow calls "
+          f"{b_no_log / a:.3f}")
+    print(f"fixed costs per B run: ray.init {summary['ray_init_s']:.1f} s, worker group start "
+          f"{summary['B_worker_start_s']:.1f} s, stop {summary['B_worker_stop_s']:.1f} s, ray.shutdown "
+          f"{summary['ray_shutdown_s']:.1f} s; set-up (decode, tokenise, model) A {summary['A_setup_s']:.1f} s, "
+          f"B {summary['B_setup_s']:.1f} s; checkpoint {summary['B_checkpoint_s']:.2f} s per epoch; "
+          f"MLflow calls {summary['B_mlflow_log_s_per_run']:.2f} s per {args.steps} steps")
     print(f"wrote {args.out}")
     return 0
 

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class MMPlatformModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: a DataFrame with an ``image`` column (encoded bytes) → generated captions;
-    with a ``text`` column instead → text embeddings."""
+    """pyfunc wrapper. A DataFrame with an ``image`` column (encoded bytes) → generated captions, or image
+    embeddings with ``params={"task": "embed"}``; with a ``text`` column instead → text embeddings."""
 
     def load_context(self, context):  # noqa: D401
         from mmplatform.models.multimodal import MultimodalModel
@@ -37,14 +37,32 @@ class MMPlatformModel(mlflow.pyfunc.PythonModel):
         from mmplatform.models.captioning import greedy_captions
         from mmplatform.train.batches import decode_images
 
-        if "image" in model_input.columns:
+        task = (params or {}).get("task", "caption")
+        if task not in ("caption", "embed"):
+            raise ValueError(f"params.task {task!r}: expected 'caption' or 'embed'")
+        if "image" in model_input.columns and model_input["image"].notna().all():
             recs = [{"image": b} for b in model_input["image"]]
             images = decode_images(recs, self.model.cfg.image_size)
+            if task == "embed":
+                with torch.no_grad():
+                    return self.model.embed_images(images).numpy()
             return greedy_captions(self.model, self.tokenizer, images, 40)
         enc = self.tokenizer(list(model_input["text"]), padding=True, truncation=True,
                              max_length=self.model.cfg.max_length, return_tensors="pt")
         with torch.no_grad():
             return self.model.embed_texts(enc["input_ids"], enc["attention_mask"]).numpy()
+
+
+def signature():
+    """Inputs: ``image`` (encoded bytes) or ``text`` (string), either column optional; ``params.task``:
+    ``caption`` (default) or ``embed`` for images. Outputs vary by task (captions or an (N, D) array), so
+    they are left out of the signature."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image", required=False),
+                                         ColSpec("string", "text", required=False)]),
+                          params=ParamSchema([ParamSpec("task", "string", "caption")]))
 
 
 def _champion(client, name: str, alias: str):
@@ -65,6 +83,7 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
     client = MlflowClient()
     info = mlflow.pyfunc.log_model(
         name="model", python_model=MMPlatformModel(), artifacts={"model": str(Path(model_dir).resolve())},
+        signature=signature(),
         # Explicit requirements: inferring them would import-scan the environment (slow, and offline here).
         pip_requirements=["torch==2.13.0", "transformers", "tokenizers", "safetensors", "pillow", "mmplatform"],
     )

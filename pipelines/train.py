@@ -13,6 +13,8 @@ from pipelines._common import run_stage
 
 def body(p: Params) -> None:
     with tracking.stage_run("train", p.train.model_dump()) as run:
+        tracking.log_dataset("data/processed/augmented", "training")
+        tracking.log_dataset("data/processed/clean", "validation")
         history = run_training(p.train, train_dir="data/processed/augmented", val_dir="data/processed/clean",
                                out_dir="models/base", cache_dir=".cache/mmp", mlflow_run_id=run.info.run_id)
         write_history(history, "reports/train/history.csv")

@@ -98,3 +98,13 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
     pred = tasks[0]["predictions"][0]
     assert "mmplatform@champion" in pred["model_version"]
     assert pred["result"][0]["from_name"] == "caption" and pred["result"][0]["value"]["text"][0]
+
+    # The served model also embeds images (params.task=embed), per its signature.
+    emb = served.predict(pd.DataFrame({"image": [r["image"] for r in test]}), params={"task": "embed"})
+    assert emb.shape == (2, 64)
+    assert served.metadata.get_input_schema().input_names() == ["image", "text"]
+    # The training data is recorded with mlflow.data, digest = the dataset manifest's content hash.
+    from mmplatform.data.dataset import read_manifest
+
+    inputs = {d.dataset.name: d.dataset for d in train_run.inputs.dataset_inputs}
+    assert inputs["augmented"].digest == read_manifest(ws / "data/processed/augmented")["content_hash"][:16]
