@@ -60,13 +60,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
-    """A child run of the flow's parent run (or a top-level run when a stage runs alone)."""
+def stage_run(stage: str, params: dict[str, Any] | None = None, *, system_metrics: bool = False) -> Iterator[Any]:
+    """A child run of the flow's parent run (or a top-level run when a stage runs alone). ``system_metrics``:
+    MLflow samples CPU, memory, disk and network (GPU too, where there is one) into the run every 10 s."""
     import mlflow
 
     setup()
     parent = os.environ.get(PARENT_ENV)
-    with mlflow.start_run(run_name=stage, parent_run_id=parent or None,
+    with mlflow.start_run(run_name=stage, parent_run_id=parent or None, log_system_metrics=system_metrics,
                           tags={"mmp.stage": stage}) as run:
         if params:
             flat = {k: str(v)[:6000] for k, v in flatten(params).items()}

@@ -12,7 +12,7 @@ from pipelines._common import run_stage
 
 
 def body(p: Params) -> None:
-    with tracking.stage_run("train", p.train.model_dump()) as run:
+    with tracking.stage_run("train", p.train.model_dump(), system_metrics=True) as run:
         tracking.log_dataset("data/processed/augmented", "training")
         tracking.log_dataset("data/processed/clean", "validation")
         history = run_training(p.train, train_dir="data/processed/augmented", val_dir="data/processed/clean",

@@ -58,6 +58,7 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
                                                            "evaluate", "register"}
     train_run = next(r for r in children if r.data.tags["mmp.stage"] == "train")
     assert "train/total" in train_run.data.metrics  # per-step metrics from the Ray worker
+    assert any(k.startswith("system/cpu") for k in train_run.data.metrics)  # MLflow system metrics
 
     # Nothing changed: every stage skipped, no new model version.
     assert main(["run", "--workdir", str(ws)]) == 0
