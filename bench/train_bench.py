@@ -1,6 +1,6 @@
 """Benchmark: the training step loop in Ray Train (as ``mmplatform.train.recipe`` runs it) vs a plain torch loop.
 
-    python bench/train_bench.py [--steps 40] [--batch 128] [--repeats 3] [--images 2048] [--no-mlflow]
+    python bench/train_bench.py [--steps 40] [--batch 128] [--repeats 3] [--images 4096] [--no-mlflow]
 
 Both paths run the same model (``TrainParams`` defaults: ``recipe.model_config``), the same data (a
 seeded in-memory synthetic set, decoded and tokenised by ``train.batches``), the same optimiser
@@ -14,9 +14,12 @@ same loss (``recipe.multitask_loss``), step for step the recipe's inner loop, fr
 
 Only the training steps are timed (after ``--warmup`` untimed steps), inside the process that runs them;
 Ray start-up, worker-group start/stop and the per-worker set-up are reported separately as fixed costs.
-Runs alternate A, B, A, B ... for ``--repeats``. Per step the loop records the *data wait* (end of one
-optimiser step to the next batch's tensors being ready: bookkeeping, logging, index sampling, gather,
-trim) and the compute (loss, backward, optimiser step). Writes ``bench/results/train.json``.
+Runs alternate A, B, A, B ... for ``--repeats``; each B starts Ray and shuts it down, so A runs with no Ray
+process about (as a plain loop would), and B pays for Ray's own processes during its steps (their CPU
+seconds in the timed window are reported: driver, GCS, raylet, dashboard, agents, Train's actors).
+Per step the loop records the *data wait* (end of one optimiser step to the next batch's tensors being
+ready: loss bookkeeping, MLflow call, index sampling, caption draw, gather, trim) and the compute (loss,
+backward, optimiser step). Writes ``bench/results/train.json``.
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
     return {"steps": steps, "batch": batch, "seconds": total, "samples_per_s": steps * batch / total,
             "data_wait_s": sum(wait), "data_wait_share": sum(wait) / total, "compute_s": sum(compute),
             "mlflow_log_s": sum(logging_s),
-            "median_step_s": statistics.median(step_time), "step_s": step_time, "cpu_s": cpu,
+            "median_step_s": statistics.median(step_time),
+            "p10_step_s": sorted(step_time)[len(step_time) // 10], "step_s": step_time, "cpu_s": cpu,
             "cpu_ms_per_sample": cpu / (steps * batch) * 1e3, "others_cpu_s": others,
             "loadavg_1min": [load0, os.getloadavg()[0]], "first_loss": losses_seen[0], "last_loss": losses_seen[-1],
             "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
@@ -144,12 +148,13 @@ def env_info() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- A: plain loop
 def run_plain(config: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+    env = env_info()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     s = setup(config)
     setup_s = time.perf_counter() - t0
     out = run_steps(s, steps, warmup, None)
-    return {**out, "setup_s": setup_s}
+    return {**out, "setup_s": setup_s, "env": env}
 
 
 # ----------------------------------------------------------------------------- B: Ray Train worker
@@ -265,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--batch", type=int, default=128, help="batch size (TrainParams default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="A/B pairs, alternating")
-    parser.add_argument("--images", type=int, default=2048, help="synthetic training images")
+    parser.add_argument("--images", type=int, default=4096, help="synthetic training images")
     parser.add_argument("--vision-layers", type=int, default=0, help="override vision.layers (0: default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-mlflow", action="store_true", help="B without the recipe's MLflow logging")
@@ -292,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a, b = med("A", "samples_per_s"), med("B", "samples_per_s")
     pair_ratios = [rb["samples_per_s"] / ra["samples_per_s"] for ra, rb in zip(runs["A"], runs["B"], strict=True)]
     b_no_log = statistics.median(r["steps"] * r["batch"] / (r["seconds"] - r["mlflow_log_s"]) for r in runs["B"])
-    summary = {
+    summary: dict[str, Any] = {
         "A_samples_per_s": a, "B_samples_per_s": b, "ratio_B_over_A": b / a, "pair_ratios": pair_ratios,
         "ratio_B_without_mlflow_over_A": b_no_log / a, "target": 0.90,
         "A_data_wait_share": med("A", "data_wait_share"), "B_data_wait_share": med("B", "data_wait_share"),
@@ -305,8 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "B_worker_stop_s": med("B", "worker_stop_s"), "B_fit_s": med("B", "fit_s"),
         "A_setup_s": med("A", "setup_s"), "B_setup_s": med("B", "setup_s"),
         "ratio_by_median_step": med("A", "median_step_s") / med("B", "median_step_s"),
+        # On a shared machine the fastest steps are the least disturbed ones (best-of, as timeit does).
+        "A_p10_step_s": min(r["p10_step_s"] for r in runs["A"]),
+        "B_p10_step_s": min(r["p10_step_s"] for r in runs["B"]),
         "B_threads_in_worker": runs["B"][0]["torch_threads"], "B_worker_env": runs["B"][0]["env"],
     }
+    summary["ratio_by_p10_step"] = summary["A_p10_step_s"] / summary["B_p10_step_s"]
+    # Same model, data, seed and loss: both paths must see the same losses (up to float reordering).
+    summary["max_loss_difference"] = max(abs(ra[k] - rb[k]) for ra in runs["A"] for rb in runs["B"]
+                                         for k in ("first_loss", "last_loss"))
     report = {
         "setup": {"images": len(config["records"]), "image_size": config["image_size"], "steps": args.steps,
                   "warmup": args.warmup, "batch": args.batch, "repeats": args.repeats, "seed": args.seed,
@@ -323,18 +335,22 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.repeats} x A/B alternating, medians; load average (1 min) during the runs "
           f"{min(x for r in runs['A'] + runs['B'] for x in r['loadavg_1min']):.1f}.."
           f"{max(x for r in runs['A'] + runs['B'] for x in r['loadavg_1min']):.1f}")
-    header = (f"{'path':40s} {'samples/s':>10s} {'step ms':>8s} {'data wait':>10s} {'CPU ms/sample':>14s} "
-              f"{'Ray procs CPU':>14s} {'threads':>8s}")
+    header = (f"{'path':40s} {'samples/s':>10s} {'step ms':>8s} {'p10 ms':>7s} {'data wait':>10s} "
+              f"{'CPU ms/sample':>14s} {'Ray procs CPU':>14s} {'threads':>8s}")
     print(header)
     print("-" * len(header))
     for key, name in (("A", "A plain torch loop, 2 threads"), ("B", "B Ray Train, 1 worker x 2 CPU (recipe)")):
         others = f"{summary['B_ray_others_cpu_share']:.1%}" if key == "B" else "-"
         print(f"{name:40s} {med(key, 'samples_per_s'):10.1f} {med(key, 'median_step_s') * 1e3:8.0f} "
+              f"{summary[key + '_p10_step_s'] * 1e3:7.0f} "
               f"{med(key, 'data_wait_share'):10.2%} {med(key, 'cpu_ms_per_sample'):14.2f} {others:>14s} "
               f"{runs[key][0]['torch_threads']:8d}")
     print(f"ratio B/A = {b / a:.3f} (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)}; target >= 0.90); "
-          f"by median step time {summary['ratio_by_median_step']:.3f}; B/A without the MLflow calls "
+          f"by median step time {summary['ratio_by_median_step']:.3f}, by fastest-10% step time "
+          f"{summary['ratio_by_p10_step']:.3f}; B/A without the MLflow calls "
           f"{b_no_log / a:.3f}")
+    print(f"same run in both paths: loss {runs['A'][0]['first_loss']:.4f} -> {runs['A'][0]['last_loss']:.4f}, "
+          f"largest A/B difference {summary['max_loss_difference']:.1e}")
     print(f"fixed costs per B run: ray.init {summary['ray_init_s']:.1f} s, worker group start "
           f"{summary['B_worker_start_s']:.1f} s, stop {summary['B_worker_stop_s']:.1f} s, ray.shutdown "
           f"{summary['ray_shutdown_s']:.1f} s; set-up (decode, tokenise, model) A {summary['A_setup_s']:.1f} s, "
