@@ -94,6 +94,7 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
     for gstep in range(warmup + steps):
         if gstep == warmup:
             cpu0, others0, load0 = time.process_time(), others_cpu() if others_cpu else 0.0, os.getloadavg()[0]
+            t_end = time.perf_counter()  # the snapshot above is the bench's, not the step's
         epoch, step = divmod(gstep, spe)
         if step == 0:
             perm = torch.randperm(s["n"], generator=torch.Generator().manual_seed(p.seed + epoch))
@@ -158,26 +159,46 @@ def run_plain(config: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- B: Ray Train worker
-def ray_tree_cpu(driver_pid: int) -> Callable[[], float]:
+class RayTreeCPU:
     """CPU seconds of the driver and every process under it (Ray's GCS, raylet, dashboard, agents, idle
-    workers, Train's controller actors), this worker excluded; a process that appears counts in full."""
-    import psutil
+    workers, Train's controller actors), this worker excluded; a process that appears counts in full.
+    Each call takes a snapshot; :meth:`by_name` gives the per-process split between the first and last."""
 
-    root, me = psutil.Process(driver_pid), os.getpid()
-    last: dict[int, float] = {}
+    def __init__(self, driver_pid: int) -> None:
+        import psutil
 
-    def total() -> float:
-        for pr in [root, *root.children(recursive=True)]:
-            if pr.pid == me:
+        self.root, self.me = psutil.Process(driver_pid), os.getpid()
+        self.last: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self.snaps: list[dict[int, float]] = []
+
+    def __call__(self) -> float:
+        import psutil
+
+        for pr in [self.root, *self.root.children(recursive=True)]:
+            if pr.pid == self.me:
                 continue
             try:
                 t = pr.cpu_times()
-                last[pr.pid] = t.user + t.system
+                self.last[pr.pid] = t.user + t.system
+                if pr.pid not in self.names:
+                    name = pr.name() if pr.pid != self.root.pid else "driver (trainer.fit)"
+                    cmd = " ".join(pr.cmdline()[:3])
+                    self.names[pr.pid] = name if name.startswith(("ray::", "driver", "gcs", "raylet")) else cmd[-60:]
             except psutil.Error:
                 pass
-        return sum(last.values())
+        self.snaps.append(dict(self.last))
+        return sum(self.last.values())
 
-    return total
+    def by_name(self) -> dict[str, float]:
+        if len(self.snaps) < 2:
+            return {}
+        first, last = self.snaps[0], self.snaps[-1]
+        out: dict[str, float] = {}
+        for pid, t in last.items():
+            name = self.names.get(pid, str(pid))
+            out[name] = out.get(name, 0.0) + t - first.get(pid, 0.0)
+        return dict(sorted(((k, round(v, 3)) for k, v in out.items() if v > 0.005), key=lambda kv: -kv[1]))
 
 
 def ray_worker(config: dict[str, Any]) -> None:
@@ -194,8 +215,10 @@ def ray_worker(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     s = setup(config)
     setup_s = time.perf_counter() - t0
-    out = run_steps(s, config["steps"], config["warmup"], config.get("mlflow_run_id"),
-                    ray_tree_cpu(config["driver_pid"]))
+    ray_cpu = RayTreeCPU(config["driver_pid"])
+    out = run_steps(s, config["steps"], config["warmup"], config.get("mlflow_run_id"), ray_cpu)
+    out["others_cpu_by_process"] = ray_cpu.by_name()
+    out["worker_niceness"] = os.nice(0)
     # Per-epoch costs of the recipe, timed once here (not in the step figures).
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
@@ -221,6 +244,9 @@ def run_ray(config: dict[str, Any], steps: int, warmup: int, work: Path, i: int)
     result_path = work / f"ray-{i}.json"
     cfg = {**config, "steps": steps, "warmup": warmup, "result_path": str(result_path), "driver_pid": os.getpid()}
     t0 = time.perf_counter()
+    if config.get("lean_ray"):  # experiment: Ray without its dashboard processes (run_workers then joins it)
+        ray.init(num_cpus=max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     init_ray(max(os.cpu_count() or 1, p.num_workers * p.cpus_per_worker))
     ray_init_s = time.perf_counter() - t0
     t0 = time.time()
@@ -274,8 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vision-layers", type=int, default=0, help="override vision.layers (0: default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-mlflow", action="store_true", help="B without the recipe's MLflow logging")
+    parser.add_argument("--worker-niceness", type=int, default=None,
+                        help="set RAY_worker_niceness before Ray starts (Ray's default: 15)")
+    parser.add_argument("--lean-ray", action="store_true",
+                        help="experiment: Ray without dashboard and log forwarding (not what the recipe does)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         work = Path(tmp)
@@ -283,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(args, work)
         build_s = time.perf_counter() - t0
         uri, run_id = (None, None) if args.no_mlflow else mlflow_run(work)
-        config |= {"mlflow_uri": uri, "mlflow_run_id": run_id}
+        config |= {"mlflow_uri": uri, "mlflow_run_id": run_id, "lean_ray": args.lean_ray}
         runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
         for i in range(args.repeats):
             runs["A"].append(run_plain(config, args.steps, args.warmup))
@@ -323,7 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "setup": {"images": len(config["records"]), "image_size": config["image_size"], "steps": args.steps,
                   "warmup": args.warmup, "batch": args.batch, "repeats": args.repeats, "seed": args.seed,
                   "model_params": config["n_params"], "train_params": config["params"],
-                  "mlflow_logging_in_B": not args.no_mlflow, "cpu_count": os.cpu_count(),
+                  "mlflow_logging_in_B": not args.no_mlflow,
+                  "worker_niceness": runs["B"][0]["worker_niceness"], "lean_ray": args.lean_ray,
+                  "cpu_count": os.cpu_count(),
                   "torch": torch.__version__, "python": platform.python_version(), "dataset_build_s": build_s},
         "summary": summary, "runs": runs,
     }
@@ -349,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"by median step time {summary['ratio_by_median_step']:.3f}, by fastest-10% step time "
           f"{summary['ratio_by_p10_step']:.3f}; B/A without the MLflow calls "
           f"{b_no_log / a:.3f}")
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(runs["B"][0]["others_cpu_by_process"].items())[:5])
+    print(f"Ray's other processes during B's steps (CPU s, first run, {runs['B'][0]['seconds']:.0f} s of steps): "
+          f"{top}; "
+          f"worker niceness {runs['B'][0]['worker_niceness']}")
     print(f"same run in both paths: loss {runs['A'][0]['first_loss']:.4f} -> {runs['A'][0]['last_loss']:.4f}, "
           f"largest A/B difference {summary['max_loss_difference']:.1e}")
     print(f"fixed costs per B run: ray.init {summary['ray_init_s']:.1f} s, worker group start "
