@@ -187,7 +187,8 @@ def decide(records: list[dict[str, Any]], analyses: list[dict[str, Any]], p: Cle
 
     # Near duplicates among what is left.
     exempt = tuple(p.near_duplicates.exempt_sources)
-    alive = [i for i in work if i not in reasons and not (exempt and str(records[i].get("source", "")).startswith(exempt))]
+    alive = [i for i in work
+             if i not in reasons and not (exempt and str(records[i].get("source", "")).startswith(exempt))]
     groups_out = 0
     if p.near_duplicates.enabled and len(alive) > 1:
         nd = p.near_duplicates
@@ -416,18 +417,13 @@ def clean_dataset(inp: str | Path, out: str | Path, p: CleanParams, *, scorer: A
     t0 = time.perf_counter()
     analyses = _analyse_dataset(inp, p)
     t_analyse = time.perf_counter() - t0
-    shards = sorted((inp / "shards").glob("*.parquet"))
-    cols = [c for c in pq.read_schema(shards[0]).names if c != "image"] if shards else []
-    records = [r for s in shards for r in pq.read_table(s, columns=cols).to_pylist()]
+    # One read of the input: the decisions, the alignment scorer and the output all use these rows.
+    records = [r for s in sorted((inp / "shards").glob("*.parquet")) for r in pq.read_table(s).to_pylist()]
     if len(records) != len(analyses):
         raise RuntimeError(f"clean: {len(analyses)} analyses for {len(records)} records in {inp}")
-
-    def images(idx: list[int]) -> list[bytes]:
-        return [r["image"] for r in _read_rows(shards, idx, ["image"])]
-
-    updates, reasons, stats = decide(records, analyses, p, scorer=scorer, images=images)
-    full = [r for s in shards for r in pq.read_table(s).to_pylist()]
-    kept, quarantined = _assemble(full, updates, reasons)
+    updates, reasons, stats = decide(records, analyses, p, scorer=scorer,
+                                     images=lambda idx: [bytes(records[i]["image"]) for i in idx])
+    kept, quarantined = _assemble(records, updates, reasons)
     stats["seconds_analyse"] = round(t_analyse, 2)
     stats["images_per_second"] = round(len(records) / t_analyse, 1) if t_analyse > 0 and records else 0.0
     stats["engine"] = p.engine
@@ -436,16 +432,3 @@ def clean_dataset(inp: str | Path, out: str | Path, p: CleanParams, *, scorer: A
     _log(stats)
     return stats
 
-
-def _read_rows(shards: list[Path], idx: list[int], columns: list[str]) -> list[dict[str, Any]]:
-    wanted = set(idx)
-    rows: dict[int, dict[str, Any]] = {}
-    base = 0
-    for s in shards:
-        table = pq.read_table(s, columns=columns)
-        local = [i - base for i in idx if base <= i < base + table.num_rows]
-        if local:
-            for i, r in zip(local, table.take(local).to_pylist(), strict=True):
-                rows[base + i] = r
-        base += table.num_rows
-    return [rows[i] for i in idx if i in wanted]
