@@ -2,10 +2,10 @@
 
     python bench/train_bench.py [--steps 40] [--batch 128] [--repeats 3] [--images 4096] [--no-mlflow]
 
-Both paths run the same model (``TrainParams`` defaults: ``recipe.model_config``), the same data (a
+Both paths run the same model (``TrainParams`` defaults: ``objectives.model_config``), the same data (a
 seeded in-memory synthetic set, decoded and tokenised by ``train.batches``), the same optimiser
 (AdamW with the recipe's decay groups, its LR schedule, gradient clipping, logit-scale clamp) and the
-same loss (``recipe.multitask_loss``), step for step the recipe's inner loop, from the same seed.
+same loss (``objectives.multitask_loss``), step for step the recipe's inner loop, from the same seed.
 
 - A: a plain single-process loop in this interpreter, ``torch.set_num_threads(2)``.
 - B: ``compute.run_workers`` (the recipe's seam: ``TorchTrainer``, 1 worker, ``cpus_per_worker=2``) with
@@ -45,7 +45,8 @@ from mmplatform.models.losses import MAX_LOGIT_SCALE
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from mmplatform.train.batches import decode_images, sample_caption_per_image, tokenize_captions
-from mmplatform.train.recipe import lr_lambda, model_config, multitask_loss, save_checkpoint, seed_everything, trim
+from mmplatform.train.objectives import model_config, multitask_loss, trim
+from mmplatform.train.recipe import lr_lambda, save_checkpoint, seed_everything
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 LOG_EVERY = 20  # the recipe logs train metrics every 20 steps

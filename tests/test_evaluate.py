@@ -63,7 +63,7 @@ def test_aro_metrics_count_each_foil_kind_and_stay_in_range():
     from mmplatform.models.multimodal import MultimodalModel
     from mmplatform.models.tokenizer import train_tokenizer
     from mmplatform.train.batches import decode_images
-    from mmplatform.train.recipe import model_config
+    from mmplatform.train.objectives import model_config
 
     recs = [r for r in generate_synthetic(n_train=8, n_val=1, n_test=24, n_test_compositional=1)
             if r["split"] == "test"]

@@ -16,7 +16,7 @@ from mmplatform.rl.rewards import build_rewards
 from mmplatform.rl.scst_config import SCSTConfig
 from mmplatform.rl.scst_trainer import scst_update, trainable_parameters
 from mmplatform.train.batches import decode_images, tokenize_captions
-from mmplatform.train.recipe import model_config, trim
+from mmplatform.train.objectives import model_config, trim
 
 TINY = {"embed_dim": 32, "vision": {"hidden_size": 32, "layers": 1, "heads": 2},
         "text": {"hidden_size": 32, "layers": 1, "heads": 2}, "decoder": {"hidden_size": 32, "layers": 1, "heads": 2}}

@@ -10,7 +10,7 @@ from mmplatform.data.synthetic import generate_synthetic
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
 from mmplatform.train.batches import decode_images, foil_table, sample_caption_per_image, tokenize_captions
-from mmplatform.train.recipe import model_config, multitask_loss, trim
+from mmplatform.train.objectives import model_config, multitask_loss, trim
 
 TINY = {"embed_dim": 32, "vision": {"hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 8},
         "text": {"hidden_size": 32, "layers": 1, "heads": 2, "max_length": 48},
