@@ -2,15 +2,17 @@
 
     python bench/train_bench.py [--steps 40] [--batch 128] [--repeats 3] [--images 4096] [--no-mlflow]
 
-Both paths run the same model (``TrainParams`` defaults: ``objectives.model_config``), the same data (a
-seeded in-memory synthetic set, decoded and tokenised by ``train.batches``), the same optimiser
-(AdamW with the recipe's decay groups, its LR schedule, gradient clipping, logit-scale clamp) and the
-same loss (``objectives.multitask_loss``), step for step the recipe's inner loop, from the same seed.
+Both paths run the recipe's own pieces (``mmplatform.train.recipe``): its process set-up
+(``configure_process``: 2 threads, deterministic CPU kernels, seeds), data (``load_data`` on a seeded
+in-memory synthetic set), model, optimiser and schedule (``build_optimizer``), and per step its batch
+(``global_draws``, ``rows_of``), ``forward_backward`` (the multi-task loss) and ``optimizer_step`` (clip, step,
+logit-scale clamp): step for step the recipe's inner loop, from the same seed.
 
-- A: a plain single-process loop in this interpreter, ``torch.set_num_threads(2)``.
-- B: ``compute.run_workers`` (the recipe's seam: ``TorchTrainer``, 1 worker, ``cpus_per_worker=2``) with
-  the recipe's per-worker set-up (``torch.set_num_threads(threads_per_worker or cpus_per_worker)``) and,
-  unless ``--no-mlflow``, its MLflow logging every 20 steps to a run in a temporary SQLite store.
+- A: a plain single-process loop in this interpreter (the loss module called directly).
+- B: ``compute.run_workers`` (the recipe's seam: ``TorchTrainer``, 1 worker, ``cpus_per_worker=2``), the loss
+  module through ``ray.train.torch.prepare_model`` as the recipe's ``wrap_ddp`` does (with one worker: no DDP
+  wrapper) and, unless ``--no-mlflow``, the recipe's MLflow logging every 20 steps to a run in a temporary
+  SQLite store.
 
 Only the training steps are timed (after ``--warmup`` untimed steps), inside the process that runs them;
 Ray start-up, worker-group start/stop and the per-worker set-up are reported separately as fixed costs.
@@ -32,45 +34,56 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmplatform.compute import average_gradients
 from mmplatform.config import TrainParams
-from mmplatform.models.losses import MAX_LOGIT_SCALE
+from mmplatform.models.heads import build_answer_vocab
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from mmplatform.train.batches import decode_images, sample_caption_per_image, tokenize_captions
-from mmplatform.train.objectives import model_config, multitask_loss, trim
-from mmplatform.train.recipe import lr_lambda, save_checkpoint, seed_everything
+from mmplatform.train.batches import tokenizer_texts
+from mmplatform.train.objectives import model_config
+from mmplatform.train.recipe import (
+    LOSS,
+    PERMUTATION,
+    MultitaskLoss,
+    autocast_for,
+    build_optimizer,
+    configure_process,
+    forward_backward,
+    generator,
+    global_draws,
+    load_data,
+    optimizer_step,
+    rows_of,
+    save_checkpoint,
+    seed_everything,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 LOG_EVERY = 20  # the recipe logs train metrics every 20 steps
 
 
 # ----------------------------------------------------------------------------- shared by A and B
-def setup(config: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's ``setup``: seed, decode images once, tokenise captions, model, optimiser, scheduler."""
+def setup(config: dict[str, Any], wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> dict[str, Any]:
+    """The recipe's ``setup``: seed, decode images once, tokenise, model, optimiser, scheduler. ``wrap``: B
+    passes the recipe's DDP wrapping (``prepare_model``; with one worker it wraps nothing)."""
     p = TrainParams.model_validate(config["params"])
     seed_everything(p.seed)
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     recs = config["records"]
-    images = decode_images(recs, config["image_size"])
-    caps = tokenize_captions(tokenizer, recs, p.text.max_length)
-    model = MultimodalModel(model_config(p, tokenizer, config["image_size"]))
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2]
-    no_decay = [q for n, q in model.named_parameters() if q.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+    answers = build_answer_vocab(a for r in recs for a in r["answers"]) if p.loss_weights.vqa > 0 else {}
+    data = load_data(tokenizer, recs, config["image_size"], p, answers, foils=p.foil_negatives)
+    model = MultimodalModel(model_config(p, tokenizer, config["image_size"], list(answers)))
+    net = MultitaskLoss(model, p)
+    net = wrap(net) if wrap else net
     steps_per_epoch = len(recs) // p.batch_size
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p.warmup_steps, steps_per_epoch * p.epochs))
-    return {"p": p, "images": images, "caps": caps, "rows": caps.per_image(len(recs)), "model": model,
-            "opt": opt, "sched": sched, "steps_per_epoch": steps_per_epoch, "n": len(recs),
-            "gen": torch.Generator().manual_seed(p.seed * 1000)}
+    opt, sched = build_optimizer(model, p, steps_per_epoch * p.epochs)
+    return {"p": p, "data": data, "model": model, "net": net, "opt": opt, "sched": sched,
+            "steps_per_epoch": steps_per_epoch, "n": len(recs)}
 
 
 def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
@@ -82,14 +95,13 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
     """
     from mmplatform import tracking
 
-    # float() of a loss that requires grad, as the recipe does it, warns once per process
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
-
-    p, model, opt, sched, gen = s["p"], s["model"], s["opt"], s["sched"], s["gen"]
-    images, caps, rows, spe, batch = s["images"], s["caps"], s["rows"], s["steps_per_epoch"], p.batch_size
-    model.train()
+    p, model, net, opt, sched, data = s["p"], s["model"], s["net"], s["opt"], s["sched"], s["data"]
+    spe, batch = s["steps_per_epoch"], p.batch_size
+    device = torch.device("cpu")
+    autocast = autocast_for(device, p.precision)
+    micro_batch = batch // p.accum_steps
+    net.train()
     wait, compute, logging_s, losses_seen = [], [], [], []
-    sums: dict[str, float] = {}
     perm = None
     t_end = time.perf_counter()
     for gstep in range(warmup + steps):
@@ -98,35 +110,26 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
             t_end = time.perf_counter()  # the snapshot above is the bench's, not the step's
         epoch, step = divmod(gstep, spe)
         if step == 0:
-            perm = torch.randperm(s["n"], generator=torch.Generator().manual_seed(p.seed + epoch))
+            perm = torch.randperm(s["n"], generator=generator(p.seed, epoch, 0, PERMUTATION))
         idx = perm[step * batch:(step + 1) * batch]
-        cap_idx = sample_caption_per_image(rows, idx.tolist(), gen)
-        ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
-        x = images[idx]
+        cap, vqa = global_draws(data, idx, p.seed, epoch, step)
+        micro = [rows_of(data, idx, cap, vqa, j * micro_batch, (j + 1) * micro_batch) for j in range(p.accum_steps)]
+        gens = [generator(p.seed, epoch, step, LOSS, 0, j) for j in range(p.accum_steps)]
         t_ready = time.perf_counter()
-        losses = multitask_loss(model, x, ids, mask, p.loss_weights, gen)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        average_gradients(model.parameters())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        losses = forward_backward(net, model, micro, p, gens, autocast)
+        optimizer_step(model, opt, sched)
         t_step = time.perf_counter()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
         t_log = time.perf_counter()
         if step % LOG_EVERY == 0:
-            tracking.log_metrics(run_id, {f"train/{k}": float(v) for k, v in losses.items()}
+            tracking.log_metrics(run_id, {f"train/{k}": v for k, v in losses.items()}
                                  | {"train/lr": sched.get_last_lr()[0],
-                                    "train/logit_scale": float(model.logit_scale.exp())}, gstep)
+                                    "train/logit_scale": float(model.logit_scale.detach().exp())}, gstep)
         t_logged = time.perf_counter()
         if gstep >= warmup:
             wait.append(t_ready - t_end)  # bookkeeping + logging of the previous step + this batch
             compute.append(t_step - t_ready)
             logging_s.append(t_logged - t_log)  # this step's MLflow call (counted in the next step's wait)
-            losses_seen.append(float(losses["total"]))
+            losses_seen.append(losses["total"])
         t_end = t_logged
     cpu = time.process_time() - cpu0
     others = (others_cpu() if others_cpu else 0.0) - others0
@@ -151,7 +154,7 @@ def env_info() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- A: plain loop
 def run_plain(config: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     env = env_info()
-    torch.set_num_threads(2)
+    configure_process(TrainParams.model_validate(config["params"]), torch.device("cpu"))
     t0 = time.perf_counter()
     s = setup(config)
     setup_s = time.perf_counter() - t0
@@ -205,6 +208,7 @@ class RayTreeCPU:
 def ray_worker(config: dict[str, Any]) -> None:
     """Runs on the Ray Train worker: the recipe's per-worker preamble, then the same set-up and loop."""
     import ray.train
+    import ray.train.torch
 
     t_enter = time.time()
     if config.get("mlflow_uri"):
@@ -212,9 +216,9 @@ def ray_worker(config: dict[str, Any]) -> None:
     env = env_info()
     p = TrainParams.model_validate(config["params"])
     ctx = ray.train.get_context()
-    torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)  # as train_loop_per_worker does
+    configure_process(p, torch.device("cpu"))  # as train_loop_per_worker does
     t0 = time.perf_counter()
-    s = setup(config)
+    s = setup(config, wrap=ray.train.torch.prepare_model)  # as the recipe's wrap_ddp does with one worker
     setup_s = time.perf_counter() - t0
     ray_cpu = RayTreeCPU(config["driver_pid"])
     out = run_steps(s, config["steps"], config["warmup"], config.get("mlflow_run_id"), ray_cpu)
@@ -223,7 +227,8 @@ def ray_worker(config: dict[str, Any]) -> None:
     # Per-epoch costs of the recipe, timed once here (not in the step figures).
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(Path(d), s["model"], s["opt"], s["sched"], 0, [])
+        save_checkpoint(Path(d), {"model": s["model"].state_dict(), "optimizer": s["opt"].state_dict(),
+                                  "scheduler": s["sched"].state_dict(), "epoch": 0, "step": 0})
     ckpt_s = time.perf_counter() - t0
     out |= {"setup_s": setup_s, "checkpoint_s": ckpt_s, "env": env, "world_size": ctx.get_world_size(),
             "t_enter": t_enter}
@@ -273,9 +278,11 @@ def build_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         p.vision.layers = args.vision_layers
     recs = generate_synthetic(seed=args.seed, n_train=args.images, n_val=1, n_test=1, n_test_compositional=0)
     recs = [r for r in recs if r["split"] == "train"]
-    tok = train_tokenizer((c for r in recs for c in r["captions"]), p.text.vocab_size)
+    tok = train_tokenizer(tokenizer_texts(recs), p.text.vocab_size)
     save_tokenizer(tok, work / "tokenizer")
-    n_params = sum(q.numel() for q in MultimodalModel(model_config(p, tok, int(recs[0]["width"]))).parameters())
+    answers = build_answer_vocab(a for r in recs for a in r["answers"]) if p.loss_weights.vqa > 0 else {}
+    n_params = sum(q.numel() for q in MultimodalModel(model_config(p, tok, int(recs[0]["width"]),
+                                                                  list(answers))).parameters())
     return {"params": p.model_dump(), "tokenizer_dir": str(work / "tokenizer"), "records": recs,
             "image_size": int(recs[0]["width"]), "n_params": n_params}
 

@@ -97,6 +97,31 @@ def flow_cmd(name: Annotated[str, typer.Argument(help="data | train | retrain")]
     _run_flow(name, workdir.resolve(), set_ or [])
 
 
+@app.command("tune")
+def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+    """Ray Tune sweep (`dvc repro tune`): params.yaml's tune section over its train section; the best config
+    goes to params/tuned_train.yaml, each trial to an MLflow child run. -S applies to this run only."""
+    from mmplatform.config import ConfigError, load_params
+
+    wd = workdir.resolve()
+    try:
+        load_params(wd / "params.yaml", set_ or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not (wd / "dvc.yaml").is_file():
+        _fail(f"{wd}: no dvc.yaml here; run mmp from the project root or pass --workdir")
+    _prefect_env(wd)
+    from flows.retrain import overridden_params, stage_env
+
+    with overridden_params(wd / "params.yaml", set_ or []):
+        rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "tune"], cwd=wd, env=stage_env(wd, None))
+    if rc != 0:
+        _fail("stage tune failed (its log is above)")
+    best = wd / "reports/tune/best.json"
+    if best.is_file():
+        typer.echo(best.read_text().strip())
+
+
 @app.command()
 def serve(cron: Annotated[str, typer.Option(help="cron schedule")] = "0 3 * * 0",
           workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:

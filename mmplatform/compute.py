@@ -37,9 +37,12 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cpus_per_worker: int,
-                storage_path: str | Path, name: str) -> Any:
+                storage_path: str | Path, name: str, max_failures: int = 2) -> Any:
     """Run ``fn(config)`` on ``num_workers`` Ray Train workers (the process group is gloo on CPU, NCCL on GPU).
 
+    ``num_workers=0``: Ray Train's local mode, ``fn`` runs in this process with no Ray cluster (the same
+    ``ray.train`` context and reports, world size 1). ``max_failures``: how many times a failed worker
+    group is restarted (``FailureConfig``); ``fn`` must resume from its own checkpoint.
     Returns the Ray Train ``Result``; raises if training failed.
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -47,15 +50,16 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(max(os.cpu_count() or 1, num_workers * cpus_per_worker))
+    if num_workers > 0:
+        init_ray(max(os.cpu_count() or 1, num_workers * cpus_per_worker))
     use_gpu = torch.cuda.is_available()
     trainer = TorchTrainer(
         fn,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu and num_workers > 0,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=2)),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()
 
@@ -63,8 +67,8 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
 def average_gradients(params) -> None:
     """Data-parallel gradient averaging across the Ray Train process group (gloo on CPU, NCCL on GPU).
 
-    Our losses call sub-modules (encoders, decoder) directly rather than one ``forward``, which a DDP
-    wrapper would need to see to sync; an explicit all-reduce after ``backward`` gives the same update.
+    For loops that do not wrap their model in DDP (``rl/scst_trainer.py``: its loss calls sub-modules
+    directly); an explicit all-reduce after ``backward`` gives DDP's update. The train recipe uses DDP.
     """
     import torch.distributed as dist
 

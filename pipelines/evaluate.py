@@ -18,7 +18,7 @@ def body(p: Params) -> None:
     with tracking.stage_run("evaluate", p.evaluate.model_dump()):
         metrics = evaluate("models/base", "models/rl", "data/processed/clean", OUT, split=p.evaluate.split,
                            max_length=p.evaluate.max_length, grid_images=p.evaluate.grid_images,
-                           batch_size=p.evaluate.batch_size)
+                           batch_size=p.evaluate.batch_size, rerank_top_k=p.evaluate.rerank_top_k)
         tracking.log_stats(metrics, "metrics.json")
         mlflow.log_artifacts(OUT, "eval")
 

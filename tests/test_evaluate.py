@@ -80,3 +80,48 @@ def test_aro_metrics_count_each_foil_kind_and_stay_in_range():
         assert 0.0 <= m[key] <= 1.0 and 0.0 <= m[f"{key}_itm"] <= 1.0
     # The same call twice gives the same figures (foils are seeded).
     assert aro_metrics(model, tok, recs, decode_images(recs, 64), batch=7) == m
+
+
+def test_itm_rerank_reorders_only_the_top_k_by_the_matching_head():
+    """A stand-in model whose ITM head knows the true pairs (it only checks the re-ranking arithmetic):
+    a caption whose image is inside the contrastive top-k moves to rank 0; one whose image is outside
+    keeps its contrastive rank (the head never sees it)."""
+    from types import SimpleNamespace
+
+    from mmplatform.evaluate.evaluate import itm_rerank
+    from mmplatform.models.tokenizer import train_tokenizer
+
+    names = ["alpha", "bravo", "charlie", "delta", "echo"]
+    recs = [{"captions": [f"{n} picture"]} for n in names]
+    tok = train_tokenizer([r["captions"][0] for r in recs] * 5, 64)
+    word_id = {tok.convert_tokens_to_ids(n): i for i, n in enumerate(names)}
+    images = torch.arange(5).view(5, 1, 1, 1).float()
+
+    def itm_logits(img_tok, txt_tok, mask):
+        img = img_tok[:, 0, 0].long()
+        cap = torch.tensor([word_id[int(t)] for t in txt_tok[:, 1, 0].long()])
+        return torch.stack([torch.zeros(len(img)), (img == cap).float() * 5], 1)
+
+    model = SimpleNamespace(cfg=SimpleNamespace(max_length=8), itm_logits=itm_logits,
+                            image_tokens=lambda x: x.view(len(x), 1, 1),
+                            text_tokens=lambda ids, mask: ids.float()[:, :, None])
+    owner = torch.arange(5)
+    # Caption i's own image sits at contrastive rank i (i = 0..4): diagonal pushed down step by step.
+    sim = torch.zeros(5, 5)
+    for i in range(5):
+        order = [j for j in range(5) if j != i]
+        order.insert(i, i)
+        for rank, j in enumerate(order):
+            sim[i, j] = 1.0 - 0.1 * rank
+    t2i_before, _ = ranks_from_similarity(sim, owner)
+    assert t2i_before.tolist() == [0, 1, 2, 3, 4]
+    s_t2i, s_i2t = itm_rerank(model, tok, recs, images, sim, k=3)
+    t2i, _ = ranks_from_similarity(s_t2i, owner)
+    assert t2i.tolist() == [0, 0, 0, 3, 4]  # top-3 rescued, the rest keep their rank
+    # image->text: each column's top-3 captions are re-scored; where the own caption is among them it wins
+    _, i2t = ranks_from_similarity(s_i2t, owner)
+    top = sim.topk(3, dim=0).indices
+    assert ((s_i2t >= 999).sum(0) == 3).all()
+    for j in range(5):
+        if j in top[:, j].tolist():
+            assert i2t[j] == 0

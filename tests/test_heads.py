@@ -216,26 +216,38 @@ def test_mlm_head_and_vqa_head_on_the_real_model_pass_gradients_to_the_encoders(
     from mmplatform.models.multimodal import ModelConfig, MultimodalModel
 
     torch.manual_seed(0)
+    vocab = build_answer_vocab(["yes", "no", "two"])
     cfg = ModelConfig(vocab_size=VOCAB, pad_id=0, bos_id=2, eos_id=3, image_size=32, patch_size=8,
                       vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1,
                       text_heads=2, max_length=16, decoder_hidden=16, decoder_layers=1, decoder_heads=2,
-                      embed_dim=16, fusion="cross_attention")
+                      embed_dim=16, fusion="cross_attention", banned_ids=[0, 1, 2, 4], vqa_answers=list(vocab),
+                      mlm=True, mask_id=MASK_ID)
     model = MultimodalModel(cfg)
-    mlm = MLMHead(cfg.text_hidden, cfg.vision_hidden, cfg.vocab_size, heads=2)
-    vqa = VQAClassifier(model.fusion.out_dim, 3)
+    assert isinstance(model.mlm_head, MLMHead) and isinstance(model.vqa_head, VQAClassifier)
+    assert model.special_ids() == SPECIAL
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     ids, mask = _batch(4, 10, gen)
     img_tok = model.image_tokens(images)
-    inputs, labels = mlm_mask(ids, mask, cfg.vocab_size, SPECIAL, MASK_ID, 0.15, gen)
-    l_mlm = mlm_loss(mlm(model.text_tokens(inputs, mask), img_tok, mask), labels)
-    vocab = build_answer_vocab(["yes", "no", "two"])
-    fused = model.fusion(img_tok, model.text_tokens(ids, mask), mask)
-    l_vqa = vqa_loss(vqa(fused), vqa_soft_targets(["yes", "no", "2", "yes"], vocab))
+    inputs, labels = mlm_mask(ids, mask, cfg.vocab_size, model.special_ids(), MASK_ID, 0.15, gen)
+    logits = model.mlm_logits(img_tok, inputs, mask)
+    assert logits.shape == (4, 10, VOCAB)
+    l_mlm = mlm_loss(logits, labels)
+    answers = ["yes", "no", "2", "yes"]
+    assert model.answer_index(answers + ["purple"]).tolist() == [vocab[a] for a in answers] + [-1]
+    l_vqa = vqa_loss(model.vqa_logits(img_tok, model.text_tokens(ids, mask), mask), vqa_soft_targets(answers, vocab))
     (l_mlm + l_vqa).backward()
     assert torch.isfinite(l_mlm) and torch.isfinite(l_vqa)
     assert model.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert model.vision.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    assert set(model.answer_questions(images, ids, mask)) <= set(vocab)
+    # without the config keys there are no heads, and asking for them says so
+    plain = MultimodalModel(ModelConfig(**{**cfg.__dict__, "vqa_answers": [], "mlm": False}))
+    assert plain.vqa_head is None and plain.mlm_head is None
+    with pytest.raises(ValueError, match="no VQA head"):
+        plain.vqa_logits(img_tok, model.text_tokens(ids, mask), mask)
+    with pytest.raises(ValueError, match="mask_id"):
+        MultimodalModel(ModelConfig(**{**cfg.__dict__, "mask_id": None}))
 
 
 # ----------------------------------------------------------------------------- VQA

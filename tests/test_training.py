@@ -1,4 +1,5 @@
-"""A few optimisation steps on a tiny model: the loss falls and the weights change, for each fusion."""
+"""A few optimisation steps on a tiny model: the loss falls and the weights change, for each fusion and
+for each head alone; the VQA batches; models saved before the optional heads existed still load."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ import torch
 
 from mmplatform.config import TrainParams
 from mmplatform.data.synthetic import generate_synthetic
+from mmplatform.models.heads import build_answer_vocab
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
-from mmplatform.train.batches import decode_images, foil_table, sample_caption_per_image, tokenize_captions
+from mmplatform.train.batches import (
+    decode_images,
+    foil_table,
+    sample_caption_per_image,
+    tokenize_captions,
+    tokenize_questions,
+    tokenizer_texts,
+    vqa_batch,
+)
 from mmplatform.train.objectives import model_config, multitask_loss, trim
 
 TINY = {"embed_dim": 32, "vision": {"hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 8},
@@ -23,6 +33,13 @@ def tiny_data():
             if r["split"] == "train"]
     tok = train_tokenizer([c for r in recs for c in r["captions"]], 256)
     return recs, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_qa(tiny_data):
+    """The same images with a tokenizer trained on captions and VQA questions, as the train stage builds it."""
+    recs, _ = tiny_data
+    return recs, train_tokenizer(tokenizer_texts(recs), 256)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
@@ -115,3 +132,218 @@ def test_generate_agrees_with_teacher_forced_logprobs_and_roundtrips(tiny_data, 
     loaded = MultimodalModel.load(tmp_path / "m")
     with torch.no_grad():
         assert torch.allclose(loaded.embed_images(images), model.embed_images(images), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- every head on its own
+
+# Per head: the parameters its loss must move (the captioner reads only the image, so its encoder is the
+# vision one), its steps, learning rate and the share of its first loss the last must be below.
+# A freshly initialised text encoder gives nearly the same [CLS] state for every caption (std across
+# captions ~1e-3), so the contrastive loss sits at ln(B) for ~35 steps before the embeddings separate.
+# VSE++'s max-of-hinges triplet loss never leaves that collapsed point (every hinge equals the margin, loss
+# 2 x margin) and, from weakly separated features, is drawn back to it: Faghri et al. 2018 start from
+# pretrained encoders. So its test starts from a contrastive warm-up and trains on the triplet loss alone.
+HEADS = {
+    "contrastive": (("vision.", "text.", "img_proj", "txt_proj", "logit_scale"), 50, 2e-3, 0.8),
+    "triplet": (("vision.", "text.", "img_proj", "txt_proj"), 25, 5e-4, 0.92),
+    "itm": (("vision.", "text.", "fusion.", "itm_head."), 25, 2e-3, 0.8),
+    "captioning": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
+    "mlm": (("vision.", "text.", "mlm_head."), 25, 2e-3, 0.8),
+    "vqa": (("vision.", "text.", "fusion.", "vqa_head."), 25, 2e-3, 0.8),
+    "vqa_generative": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
+}
+WARM_UP = {"triplet": ("contrastive", 80)}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_each_head_alone_lowers_its_loss_and_trains_its_weights_and_the_encoders(tiny_qa, head):
+    """Only ``head``'s weight is non-zero; Adam steps (no weight decay, so a parameter with no gradient stays
+    put) on a fixed batch lower that loss and move the head's own parameters and the encoders'."""
+    recs, tok = tiny_qa
+    torch.manual_seed(0)
+    weights = dict.fromkeys(HEADS, 0.0) | {head: 1.0}
+    p = TrainParams.model_validate(TINY | {"loss_weights": weights})
+    answers = build_answer_vocab(a for r in recs for a in r["answers"])
+    model = MultimodalModel(model_config(p, tok, 64, list(answers)))
+    assert (model.vqa_head is not None) == (head == "vqa") and (model.mlm_head is not None) == (head == "mlm")
+    images = decode_images(recs, 64)
+    caps = tokenize_captions(tok, recs, 48)
+    cap_idx = torch.tensor([r[0] for r in caps.per_image(len(recs))])
+    ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
+    qa = tokenize_questions(tok, recs, 48, answers)
+    vqa = vqa_batch(qa, qa.per_image(len(recs)), range(len(recs)), torch.Generator().manual_seed(0))
+
+    def train(w, key: str, steps: int, lr: float = 2e-3) -> list[float]:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        losses = []
+        for step in range(steps):
+            # ITM samples fresh negatives each step; MLM's masks stay fixed so its loss is comparable
+            gen = torch.Generator().manual_seed(step if key == "itm" else 0)
+            out = multitask_loss(model, images, ids, mask, w, gen, vqa=vqa)
+            opt.zero_grad()
+            out["total"].backward()
+            opt.step()
+            losses.append(float(out[key]))
+        return losses
+
+    if head in WARM_UP:
+        first, n = WARM_UP[head]
+        train(TrainParams.model_validate({"loss_weights": dict.fromkeys(HEADS, 0.0) | {first: 1.0}}).loss_weights,
+              first, n)
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    groups, steps, lr, share = HEADS[head]
+    losses = train(p.loss_weights, head, steps, lr)
+    assert losses[-1] < share * losses[0], losses[::5]
+    for group in groups:
+        changed = [n for n, q in model.named_parameters() if n.startswith(group) and not torch.equal(q, before[n])]
+        assert changed, f"{head}: no parameter of {group} changed"
+    # a head switched off contributes no gradient: e.g. the decoder stays put unless it is trained
+    if head not in ("captioning", "vqa_generative"):
+        assert all(torch.equal(q, before[n]) for n, q in model.named_parameters() if n.startswith("decoder."))
+
+
+def test_vqa_term_is_the_head_bce_and_in_the_total(tiny_qa):
+    from mmplatform.models.heads import vqa_loss, vqa_soft_targets
+
+    recs, tok = tiny_qa
+    torch.manual_seed(0)
+    p = TrainParams.model_validate(TINY | {"loss_weights": {"vqa": 0.5}})
+    answers = build_answer_vocab(a for r in recs for a in r["answers"])
+    model = MultimodalModel(model_config(p, tok, 64, list(answers))).eval()
+    assert model.cfg.vqa_answers == list(answers) and model.cfg.mask_id == tok.mask_token_id
+    images = decode_images(recs, 64)
+    caps = tokenize_captions(tok, recs, 48)
+    ids, mask = trim(caps.ids[:len(recs)], caps.mask[:len(recs)])
+    qa = tokenize_questions(tok, recs, 48, answers)
+    vqa = vqa_batch(qa, qa.per_image(len(recs)), range(len(recs)), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = multitask_loss(model, images, ids, mask, p.loss_weights, torch.Generator().manual_seed(0), vqa=vqa)
+        img_tok = model.image_tokens(images)
+        logits = model.vqa_logits(img_tok[vqa.pos], model.text_tokens(vqa.ids, vqa.mask), vqa.mask)
+        refs = [qa.answers[j] for j in vqa.index.tolist()]
+        expected = vqa_loss(logits, vqa_soft_targets(refs, answers))
+        no_vqa = multitask_loss(model, images, ids, mask, p.loss_weights, torch.Generator().manual_seed(0))
+    assert torch.allclose(out["vqa"], expected, atol=1e-5)
+    assert "vqa" not in no_vqa  # no questions given: no term
+    assert torch.allclose(out["total"] - no_vqa["total"], 0.5 * expected, atol=1e-4)
+    # a batch without any question still touches the head (a zero), so data-parallel workers all-reduce alike
+    empty = vqa_batch(qa, [[] for _ in recs], range(len(recs)), torch.Generator())
+    zero = multitask_loss(model, images, ids, mask, p.loss_weights, torch.Generator().manual_seed(0), vqa=empty)
+    zero["vqa"].backward()
+    assert float(zero["vqa"]) == 0.0 and all(q.grad is not None for q in model.vqa_head.parameters())
+
+
+def test_vqa_batches_one_question_per_image_with_its_answer(tiny_qa):
+    recs, tok = tiny_qa
+    answers = build_answer_vocab(a for r in recs for a in r["answers"])
+    qa = tokenize_questions(tok, recs, 48, answers)
+    assert len(qa.answers) == sum(len(r["questions"]) for r in recs) and (qa.label >= 0).all()
+    assert set(qa.types) <= {"count", "color", "shape", "size", "exist", "left_right", "above_below"}
+    # no question word is unknown to the tokenizer, which was trained on captions and questions
+    assert (qa.ids != tok.unk_token_id).all()
+    rows = qa.per_image(len(recs))
+    rows[3] = []  # an image without questions is skipped
+    idx = [5, 3, 0, 7]
+    b = vqa_batch(qa, rows, idx, torch.Generator().manual_seed(0))
+    assert b.pos.tolist() == [0, 2, 3] and b.ids.shape[0] == 3
+    assert b.mask[:, -1].any() and b.ids.shape[1] < 48  # trimmed to the longest question
+    n = b.ids.shape[1]
+    digits = {"one": "1", "two": "2", "three": "3", "four": "4"}
+    for j, pos, row, label in zip(b.index.tolist(), b.pos.tolist(), b.ids, b.label.tolist(), strict=True):
+        assert int(qa.owner[j]) == idx[pos] and torch.equal(qa.ids[j, :n], row)
+        assert label == int(qa.label[j]) == answers[digits.get(qa.answers[j], qa.answers[j])]
+    # seeded: the same generator state gives the same questions; over many draws every question comes up
+    again = vqa_batch(qa, rows, idx, torch.Generator().manual_seed(0))
+    assert torch.equal(again.ids, b.ids)
+    gen = torch.Generator().manual_seed(1)
+    seen = {j for _ in range(60) for j in vqa_batch(qa, rows, [0], gen).index.tolist()}
+    assert seen == set(rows[0])
+
+
+def test_itm_negatives_are_sampled_from_temperature_scaled_similarities(tiny_qa, monkeypatch):
+    """ALBEF samples hard negatives ∝ softmax(sim / temperature): the sampler gets cosines x exp(logit_scale)."""
+    from mmplatform.train import objectives
+
+    recs, tok = tiny_qa
+    torch.manual_seed(0)
+    p = TrainParams.model_validate(TINY)
+    model = MultimodalModel(model_config(p, tok, 64)).eval()
+    seen = []
+    real = objectives.sample_hard_negatives
+    monkeypatch.setattr(objectives, "sample_hard_negatives", lambda sim, gen: seen.append(sim) or real(sim, gen))
+    images = decode_images(recs[:8], 64)
+    caps = tokenize_captions(tok, recs[:8], 48)
+    ids, mask = trim(caps.ids[:8], caps.mask[:8])
+    with torch.no_grad():
+        objectives.multitask_loss(model, images, ids, mask, p.loss_weights, torch.Generator().manual_seed(0))
+        cos = model.embed_images(images) @ model.embed_texts(ids, mask).T
+    scale = float(model.logit_scale.exp())
+    assert scale == pytest.approx(1 / 0.07, rel=1e-4)
+    assert torch.allclose(seen[0], scale * cos, atol=1e-4) and torch.allclose(seen[1], scale * cos.T, atol=1e-4)
+
+
+def test_a_model_saved_before_the_optional_heads_still_loads(tiny_qa, tmp_path):
+    import json
+
+    recs, tok = tiny_qa
+    torch.manual_seed(0)
+    old = MultimodalModel(model_config(TrainParams.model_validate(TINY | {"loss_weights": {"vqa": 0.0}}), tok, 64))
+    old.save(tmp_path / "old")
+    raw = json.loads((tmp_path / "old/model_config.json").read_text())
+    for key in ("vqa_answers", "mlm", "mask_id", "vqa_generative", "banned_ids"):  # what model_config.json
+        raw.pop(key)                                                                # looked like before them
+    raw["extra"] = {}  # the first version's (always empty) key, since retired
+    (tmp_path / "old/model_config.json").write_text(json.dumps(raw))
+    loaded = MultimodalModel.load(tmp_path / "old")
+    assert loaded.vqa_head is None and loaded.mlm_head is None
+    images = decode_images(recs[:4], 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.embed_images(images), old.embed_images(images), atol=1e-6)
+    # a model with both heads round-trips with them, and answers the same
+    answers = build_answer_vocab(a for r in recs for a in r["answers"])
+    p = TrainParams.model_validate(TINY | {"loss_weights": {"vqa": 1.0, "mlm": 1.0}})
+    new = MultimodalModel(model_config(p, tok, 64, list(answers))).eval()
+    new.save(tmp_path / "new")
+    back = MultimodalModel.load(tmp_path / "new")
+    assert back.cfg == new.cfg and back.mlm_head is not None
+    qa = tokenize_questions(tok, recs[:4], 48, answers)
+    assert back.answer_questions(images[qa.owner], qa.ids, qa.mask) == new.answer_questions(
+        images[qa.owner], qa.ids, qa.mask)
+    # a key from a newer version is named, not a bare TypeError
+    raw["from_the_future"] = 1
+    (tmp_path / "old/model_config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="from_the_future"):
+        MultimodalModel.load(tmp_path / "old")
+
+
+def test_generative_vqa_sequences_and_greedy_answers_agree_with_teacher_forcing(tiny_qa):
+    recs, tok = tiny_qa
+    torch.manual_seed(0)
+    p = TrainParams.model_validate(TINY | {"loss_weights": {"vqa_generative": 1.0}})
+    model = MultimodalModel(model_config(p, tok, 64, ["yes"])).eval()
+    assert model.cfg.vqa_generative
+    q = tok(["is there a red circle?", "what color is the square?"], padding=True, return_tensors="pt")
+    a = tok(["yes", "light blue"], padding=True, return_tensors="pt")
+    ids, attn, labels = model.answer_sequences(q["input_ids"], q["attention_mask"], a["input_ids"],
+                                               a["attention_mask"])
+    cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+    q0 = tok("is there a red circle?")["input_ids"]  # [CLS] ... [SEP], 8 tokens
+    q1 = tok("what color is the square?")["input_ids"]  # 8 tokens
+    yes, light, blue = tok.convert_tokens_to_ids(["yes", "light", "blue"])
+    assert ids.tolist() == [q0 + [yes, sep, pad], q1 + [light, blue, sep]]
+    assert labels.tolist() == [[-100] * 8 + [yes, sep, -100], [-100] * 8 + [light, blue, sep]]
+    assert attn.tolist() == [[1] * 10 + [0], [1] * 11]
+    assert ids[0, 0] == cls
+    # greedy decoding after the prefix picks, at each step, the teacher-forced argmax given the same prefix
+    images = decode_images(recs[:2], 64)
+    answers = model.generate_answers(images, q["input_ids"], q["attention_mask"], max_length=3)
+    with torch.no_grad():
+        mem = model.memory(model.image_tokens(images))
+        for i, ans in enumerate(answers):
+            n = int(q["attention_mask"][i].sum())
+            seq = q["input_ids"][i:i + 1, :n]
+            for t in ans.tolist():
+                logits = model._allowed(model.caption_logits(mem[i:i + 1], seq, torch.ones_like(seq))[:, -1])
+                assert int(logits.argmax(-1)) == t
+                seq = torch.cat([seq, torch.tensor([[t]])], 1)
+            assert len(ans) <= 3 and sep not in ans.tolist()

@@ -7,8 +7,9 @@ every worker are gathered *with* gradients, each worker scores its local rows ag
 ``itm_loss``: image-text matching with hard negatives drawn from the contrastive similarities
 (ALBEF, Li et al. 2021; BLIP): for each image a negative caption sampled in proportion to its
 similarity, and for each caption a negative image, so the fusion learns the hard cases.
-(:func:`sample_hard_negatives` already samples ∝ softmax(sim) with the positive excluded, as ALBEF does;
-ALBEF feeds it ``sim / temperature``, so callers should pass temperature-scaled similarities.)
+(:func:`sample_hard_negatives` samples ∝ softmax(sim) with the positive excluded, as ALBEF does; ALBEF
+feeds it ``sim / temperature``, and so does ``multitask_loss``: cosines times the clamped
+``logit_scale.exp()``, so the sampling is as peaked as the contrastive head.)
 
 ``triplet_loss``: VSE++ (Faghri et al. 2018) max-of-hinges ranking loss with the hardest in-batch
 negative for each anchor, both directions; ``hardest=False`` is the sum-of-hinges of VSE0.

@@ -1,20 +1,26 @@
-"""The multimodal model: two ``transformers`` encoders, a fusion module, and three heads.
+"""The multimodal model: two ``transformers`` encoders, a fusion module, and its heads.
 
 Composition, not inheritance (torchtune): ``MultimodalModel`` holds
 - ``vision``: a ``ViTModel`` built from a small config (any ViT config works);
-- ``text``: a ``BertModel`` built from a small config, fed by a locally trained WordPiece tokenizer;
+- ``text``: a ``BertModel`` built from a small config, fed by a locally trained word-level tokenizer;
 - ``fusion`` (:mod:`mmplatform.models.fusion`) + ``itm_head``: image-text matching on the fused pair;
 - projections + a learned temperature for contrastive alignment (CLIP; temperature init 0.07, clamped);
-- ``decoder``: a ``BertLMHeadModel`` with cross-attention over the projected image tokens, the captioner.
+- ``decoder``: a ``BertLMHeadModel`` with cross-attention over the projected image tokens, the captioner
+  (and, with a question as its prefix, the generative VQA answerer: BLIP's answer decoder);
+- ``vqa_head`` (only when ``cfg.vqa_answers`` is set): answer classification over the fused (image,
+  question) vector, the same ``fusion`` the ITM head reads (:class:`~mmplatform.models.heads.VQAClassifier`);
+- ``mlm_head`` (only when ``cfg.mlm``): masked words predicted from the text states with cross-attention to
+  the image (:class:`~mmplatform.models.heads.MLMHead`, ALBEF/BLIP).
 
-Saved as ``model.safetensors`` + ``model_config.json`` + ``tokenizer/`` in one directory.
+Saved as ``model.safetensors`` + ``model_config.json`` + ``tokenizer/`` in one directory. The optional
+heads default to off, so a ``model_config.json`` written before they existed still loads.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,6 +30,7 @@ from torch import nn
 from transformers import BertConfig, BertLMHeadModel, BertModel, ViTConfig, ViTModel
 
 from mmplatform.models.fusion import build_fusion
+from mmplatform.models.heads import MLMHead, VQAClassifier, normalize_answer
 
 
 @dataclass
@@ -48,6 +55,27 @@ class ModelConfig:
     fusion: str = "cross_attention"
     # Special tokens the captioner may never emit ([PAD], [CLS], [MASK], [UNK]); [SEP] ends a caption.
     banned_ids: list[int] = field(default_factory=list)
+    # Optional heads (defaults = absent, so configs saved before they existed load unchanged).
+    # VQA answer vocabulary in class order (built from the training answers by build_answer_vocab); [] = no head.
+    vqa_answers: list[str] = field(default_factory=list)
+    mlm: bool = False  # build the masked-language-modelling head (image context)
+    vqa_generative: bool = False  # the decoder was also trained to answer questions (question as prefix)
+    mask_id: int | None = None  # the tokenizer's [MASK], needed by MLM
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        """From ``model_config.json``; keys this version does not know are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k not in _RETIRED_KEYS}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"model_config.json: unknown keys {unknown} (written by a newer version?)")
+        return cls(**raw)
+
+
+# Keys that model_config.json files of earlier versions carry and this version ignores: ``extra`` (an
+# always-empty dict of the first version).
+_RETIRED_KEYS = frozenset({"extra"})
 
 
 def _no_dropout() -> dict:
@@ -82,6 +110,11 @@ class MultimodalModel(nn.Module):
             max_position_embeddings=cfg.max_length + 2, pad_token_id=cfg.pad_id, is_decoder=True,
             add_cross_attention=True, **_no_dropout(),
         ))
+        self.vqa_head = VQAClassifier(self.fusion.out_dim, len(cfg.vqa_answers)) if cfg.vqa_answers else None
+        if cfg.mlm and cfg.mask_id is None:
+            raise ValueError("ModelConfig.mlm needs mask_id (the tokenizer's [MASK] id)")
+        self.mlm_head = (MLMHead(cfg.text_hidden, cfg.vision_hidden, cfg.vocab_size, heads=cfg.text_heads)
+                         if cfg.mlm else None)
         # Images come in as uint8; normalise inside the model so every caller gets the same transform.
         self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
@@ -110,6 +143,95 @@ class MultimodalModel(nn.Module):
 
     def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.itm_head(self.fusion(img_tokens, txt_tokens, mask))
+
+    # ------------------------------------------------------------------ VQA and MLM heads
+    def vqa_logits(self, img_tokens: torch.Tensor, q_tokens: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_answers) answer scores from the fused (image, question) pair."""
+        if self.vqa_head is None:
+            raise ValueError("this model has no VQA head (it was trained without VQA answers)")
+        return self.vqa_head(self.fusion(img_tokens, q_tokens, q_mask))
+
+    @torch.no_grad()
+    def answer_questions(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """The most likely answer (normalised text) to question ``ids[i]`` about ``images[i]``."""
+        logits = self.vqa_logits(self.image_tokens(images), self.text_tokens(ids, mask), mask)
+        return [self.cfg.vqa_answers[int(i)] for i in logits.argmax(-1)]
+
+    def answer_index(self, answers: list[str]) -> torch.Tensor:
+        """Class index of each answer after VQA normalisation; -1 where it is outside the vocabulary."""
+        vocab = {a: i for i, a in enumerate(self.cfg.vqa_answers)}
+        return torch.tensor([vocab.get(normalize_answer(a), -1) for a in answers], dtype=torch.long)
+
+    def mlm_logits(self, img_tokens: torch.Tensor, masked_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) scores of every position of a masked caption, read with the image as context."""
+        if self.mlm_head is None:
+            raise ValueError("this model has no MLM head (ModelConfig.mlm is off)")
+        return self.mlm_head(self.text_tokens(masked_ids, mask), img_tokens, mask)
+
+    def special_ids(self) -> list[int]:
+        """Token ids MLM never masks nor samples: [PAD], [CLS], [SEP], [MASK], [UNK]."""
+        ids = {self.cfg.pad_id, self.cfg.bos_id, self.cfg.eos_id, *self.cfg.banned_ids}
+        if self.cfg.mask_id is not None:
+            ids.add(self.cfg.mask_id)
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ generative VQA (the decoder)
+    def answer_sequences(self, q_ids: torch.Tensor, q_mask: torch.Tensor, a_ids: torch.Tensor,
+                         a_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[CLS] question [SEP] answer [SEP]`` per row, right-padded: (ids, attention mask, labels); labels
+        are the answer tokens and the final [SEP], -100 on the question (a prefix, not predicted) and padding.
+        ``q_ids``/``a_ids`` are tokenized as usual (``[CLS] ... [SEP]``); the answer's [CLS] is dropped."""
+        q_len, a_len = q_mask.sum(1).tolist(), a_mask.sum(1).tolist()
+        limit = self.decoder.config.max_position_embeddings + 1  # the input is ids[:, :-1]
+        rows = [torch.cat([q_ids[i, :q], a_ids[i, 1:a]])[:limit]
+                for i, (q, a) in enumerate(zip(q_len, a_len, strict=True))]
+        n = max(len(r) for r in rows)
+        ids = torch.full((len(rows), n), self.cfg.pad_id, dtype=torch.long, device=q_ids.device)
+        labels = torch.full_like(ids, -100)
+        for i, (r, q) in enumerate(zip(rows, q_len, strict=True)):
+            ids[i, :len(r)] = r
+            labels[i, q:len(r)] = r[q:]
+        return ids, (ids != self.cfg.pad_id).long(), labels
+
+    def generative_vqa_loss(self, img_tokens: torch.Tensor, q_ids: torch.Tensor, q_mask: torch.Tensor,
+                            a_ids: torch.Tensor, a_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy of the answer tokens given the image and the question (BLIP's answer
+        decoder, here the captioner itself with the question as its prompt)."""
+        ids, attn, labels = self.answer_sequences(q_ids, q_mask, a_ids, a_mask)
+        logits = self.caption_logits(self.memory(img_tokens), ids[:, :-1], attn[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    @torch.no_grad()
+    def generate_answers(self, images: torch.Tensor, q_ids: torch.Tensor, q_mask: torch.Tensor,
+                         max_length: int = 4) -> list[torch.Tensor]:
+        """Greedy answer tokens (up to [SEP], excluded) for each question, decoded after the question
+        prefix with the KV cache; questions of equal length are decoded together (no padding inside)."""
+        memory = self.memory(self.image_tokens(images))
+        q_len = q_mask.sum(1)
+        out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(q_ids)
+        for n in q_len.unique().tolist():
+            rows = (q_len == n).nonzero().squeeze(1)
+            steps = min(max_length, self.decoder.config.max_position_embeddings - n)
+            dec = self.decoder(input_ids=q_ids[rows, :n], encoder_hidden_states=memory[rows], use_cache=True)
+            past, logits = dec.past_key_values, dec.logits[:, -1]
+            toks = []
+            done = torch.zeros(len(rows), dtype=torch.bool, device=q_ids.device)
+            for _ in range(max(1, steps)):
+                nxt = self._allowed(logits.float()).argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, self.cfg.eos_id), nxt)
+                toks.append(nxt)
+                done = done | (nxt == self.cfg.eos_id)
+                if bool(done.all()):
+                    break
+                dec = self.decoder(input_ids=nxt[:, None], encoder_hidden_states=memory[rows],
+                                   past_key_values=past, use_cache=True)
+                past, logits = dec.past_key_values, dec.logits[:, -1]
+            seq = torch.stack(toks, 1)
+            for k, r in enumerate(rows.tolist()):
+                end = (seq[k] == self.cfg.eos_id).nonzero()
+                out[r] = seq[k, :int(end[0])] if len(end) else seq[k]
+        return out
 
     # ------------------------------------------------------------------ captioner
     def memory(self, img_tokens: torch.Tensor) -> torch.Tensor:
@@ -177,7 +299,7 @@ class MultimodalModel(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> MultimodalModel:
         path = Path(path)
-        cfg = ModelConfig(**json.loads((path / "model_config.json").read_text()))
+        cfg = ModelConfig.from_dict(json.loads((path / "model_config.json").read_text()))
         model = cls(cfg)
         load_model(model, str(path / "model.safetensors"))
         return model.eval()

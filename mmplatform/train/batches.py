@@ -1,14 +1,18 @@
-"""Turn canonical records into tensors: images decoded once into a uint8 tensor, captions tokenized."""
+"""Turn canonical records into tensors: images decoded once into a uint8 tensor, captions and VQA
+questions tokenized, one caption and one question per image sampled each step."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+
+from mmplatform.models.heads import normalize_answer
 
 
 def decode_images(records: Sequence[dict], image_size: int) -> torch.Tensor:
@@ -86,3 +90,108 @@ def foil_table(tokenizer, caps: CaptionTable, max_length: int, seed: int = 0) ->
             kinds.append("")
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return FoilTable(enc["input_ids"], enc["attention_mask"], torch.tensor(has), kinds)
+
+
+def tokenizer_texts(records: Sequence[dict]) -> Iterator[str]:
+    """What the tokenizer is trained on: every caption, VQA question and answer. A question word that no
+    caption uses ("what", "how") would otherwise be [UNK], and so would an answer such as "yes", which the
+    decoder could then never generate."""
+    for r in records:
+        yield from r["captions"]
+        yield from r.get("questions") or ()
+        yield from r.get("answers") or ()
+
+
+def question_types(record: dict) -> list[str]:
+    """The type of each of the record's questions (``meta.question_types``, written by the synthetic
+    generator); ``"other"`` where the record does not say."""
+    n = len(record.get("questions") or ())
+    try:
+        kinds = json.loads(record.get("meta") or "{}").get("question_types") or []
+    except (json.JSONDecodeError, AttributeError):
+        kinds = []
+    return [str(k) for k in kinds] if len(kinds) == n else ["other"] * n
+
+
+@dataclass
+class QuestionTable:
+    """All VQA pairs of a set of images, flattened like :class:`CaptionTable`: ``owner[j]`` is the image of
+    question ``j``; ``label[j]`` its answer's class in the answer vocabulary (-1: not in it)."""
+
+    ids: torch.Tensor  # (Q, L) long
+    mask: torch.Tensor  # (Q, L) long
+    owner: torch.Tensor  # (Q,) long
+    label: torch.Tensor  # (Q,) long
+    answers: list[str]
+    types: list[str]
+    answer_ids: torch.Tensor  # (Q, La) the answers tokenized ([CLS] answer [SEP]), for generative VQA
+    answer_mask: torch.Tensor
+
+    def per_image(self, n_images: int, *, labelled_only: bool = True) -> list[list[int]]:
+        """Question indices of each image; by default only those whose answer is in the vocabulary."""
+        rows: list[list[int]] = [[] for _ in range(n_images)]
+        for j, (i, y) in enumerate(zip(self.owner.tolist(), self.label.tolist(), strict=True)):
+            if y >= 0 or not labelled_only:
+                rows[i].append(j)
+        return rows
+
+
+def tokenize_questions(tokenizer, records: Sequence[dict], max_length: int,
+                       answer_vocab: Mapping[str, int]) -> QuestionTable:
+    texts, owner, answers, types = [], [], [], []
+    for i, r in enumerate(records):
+        qs, ans = list(r.get("questions") or ()), list(r.get("answers") or ())
+        if len(qs) != len(ans):
+            raise ValueError(f"record {r.get('sample_id', i)}: {len(qs)} questions but {len(ans)} answers")
+        texts += qs
+        answers += ans
+        owner += [i] * len(qs)
+        types += question_types(r)
+    label = torch.tensor([answer_vocab.get(normalize_answer(a), -1) for a in answers], dtype=torch.long)
+    if texts:
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        enc = tokenizer(answers, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        a_ids, a_mask = enc["input_ids"], enc["attention_mask"]
+    else:
+        ids = mask = torch.zeros((0, max_length), dtype=torch.long)
+        a_ids = a_mask = torch.zeros((0, 2), dtype=torch.long)
+    return QuestionTable(ids, mask, torch.tensor(owner, dtype=torch.long), label, answers, types, a_ids, a_mask)
+
+
+def sample_question_per_image(rows: list[list[int]], idx: Sequence[int], gen: torch.Generator
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One question for each image in ``idx`` that has one, drawn uniformly (seeded) among its questions,
+    as captions are. Returns ``(question indices, positions in idx of the images they belong to)``."""
+    pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen).tolist()
+    q, pos = [], []
+    for k, (i, p) in enumerate(zip(idx, pick, strict=True)):
+        if rows[i]:
+            q.append(rows[i][p % len(rows[i])])
+            pos.append(k)
+    return torch.tensor(q, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+
+
+@dataclass
+class VQABatch:
+    """The VQA part of a step: question ``j`` (``ids[j]``, ``mask[j]``; row ``index[j]`` of the
+    :class:`QuestionTable`) is about batch image ``pos[j]``; its answer class is ``label[j]`` and its
+    answer tokens ``answer_ids[j]``."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+    answer_ids: torch.Tensor
+    answer_mask: torch.Tensor
+
+
+def vqa_batch(table: QuestionTable, rows: list[list[int]], idx: Sequence[int], gen: torch.Generator) -> VQABatch:
+    q, pos = sample_question_per_image(rows, idx, gen)
+    ids, mask = table.ids[q], table.mask[q]
+    a_ids, a_mask = table.answer_ids[q], table.answer_mask[q]
+    if len(q):  # dynamic padding, as for captions
+        n, m = int(mask.sum(1).max()), int(a_mask.sum(1).max())
+        ids, mask, a_ids, a_mask = ids[:, :n], mask[:, :n], a_ids[:, :m], a_mask[:, :m]
+    return VQABatch(ids, mask, pos, table.label[q], q, a_ids, a_mask)

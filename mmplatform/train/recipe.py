@@ -1,46 +1,119 @@
-"""Multi-task training recipe: contrastive alignment + image-text matching + captioning.
+"""Multi-task training on Ray Train: contrastive + ITM + captioning + VQA (+ MLM, triplet, NegCLIP foils).
 
-Runs on Ray Train workers (``TorchTrainer``; data-parallel when ``train.num_workers`` > 1, gradients
-all-reduced after each backward, see ``compute.average_gradients``). Stage command:
-``dvc repro train`` (= ``python -m pipelines.train``). Read top to bottom:
+    dvc repro train        # = python -m pipelines.train: run_training() on params.yaml's train section
 
-1. ``setup``   — seed, threads, decode images once, tokenize captions, build the model, resume;
-2. ``train``   — per epoch: shuffled batches, one random caption per image, three losses;
-3. ``validate``— val losses and val text→image R@1, so the plateau is visible;
-4. ``save_checkpoint`` — every epoch, atomically (tmp + rename), model + optimiser + scheduler + RNG +
-   epoch; a re-run of the stage after an interruption resumes from it.
+``run_training`` (the driver) trains the tokenizer, picks the checkpoint directory and runs
+``train_loop_per_worker`` on ``train.num_workers`` Ray Train workers (``compute.run_workers``: a
+``TorchTrainer``; gloo on CPU, NCCL on GPU; ``FailureConfig`` restarts a failed worker group;
+``train.num_workers: 0`` runs the same loop in Ray Train's local mode, in this process). Each worker reads
+top to bottom:
+
+1. ``setup``    — deterministic kernels, threads, data decoded and tokenised once, the model wrapped in DDP
+   (:class:`MultitaskLoss`: one ``forward`` is the whole loss), optimiser, scheduler, resume;
+2. ``train``    — per optimiser step: the global batch of (seed, epoch, step), this worker's rows, forward
+   and backward (:func:`forward_backward`, two passes when ``accum_steps`` > 1), clip, step, clamp;
+3. ``save_checkpoint`` — every ``checkpoint_every_steps`` steps and at each epoch end: model, optimiser,
+   scheduler, every worker's RNG state, the data position (epoch, next step) and the per-step log, written
+   atomically (tmp + rename) by rank 0;
+4. ``validate`` — each epoch, data-parallel like training: val losses and val text->image R@1.
+
+Data order. The epoch permutation and each step's caption and question draws depend only on (seed, epoch,
+step) and the position in the global batch, never on the rank or the number of workers: worker r trains
+on rows [r B/W, (r+1) B/W) of the global batch B, the contrastive loss gathers the features of every
+worker (with gradients, OpenCLIP's local loss) and DDP averages the gradients, so W workers take the step
+one worker takes, up to float rounding and ITM, whose hard negatives are mined within each worker's rows
+(``tests/test_distributed.py`` states the tolerances), and a resumed run sees the batches it would have
+seen. Draws inside the loss (ITM hard negatives, MLM masks) come from a generator keyed by (seed, epoch,
+step, rank, micro-batch), so they too are a function of the position, not of what ran before.
+
+Precision. ``train.precision: bf16`` autocasts the forward passes (CPU or CUDA); weights, gradients and
+AdamW's moments stay fp32, and so do the contrastive logits (``objectives.set_level_losses``).
+
+Determinism. On CPU a fixed seed and thread count give bit-identical runs. What made them differ: the
+tokenizer's trainer broke ties in hash order (fixed in ``models/tokenizer.py``), and the backward of
+advanced indexing (ITM's negative rows ``img_tok[neg]``, VQA's ``img_tok[pos]``) accumulates with
+``index_put_``, whose multi-threaded CPU kernel adds in a varying order: losses drifted in the 7th digit
+after a few steps and the drift grows. ``torch.use_deterministic_algorithms`` makes that kernel sort first.
+
+Fault tolerance. A worker that fails makes Ray restart the worker group (``FailureConfig``); every worker
+then resumes from the last checkpoint, as a re-run of the stage after the driver died does. The
+checkpoint directory is keyed by the params (not the worker layout, which does not change the data order)
+and the training data's content hash; on a multi-node cluster it must be on shared storage, as Ray's
+``storage_path`` must. ``journal.jsonl`` beside it records every step as it is taken, retaken ones too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
 import random
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from mmplatform.compute import average_gradients
 from mmplatform.config import TrainParams
+from mmplatform.models.heads import build_answer_vocab
 from mmplatform.models.losses import MAX_LOGIT_SCALE
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import load_tokenizer
-from mmplatform.train.batches import decode_images, foil_table, sample_caption_per_image, tokenize_captions
-from mmplatform.train.objectives import model_config, multitask_loss, recall_at_1, trim
+from mmplatform.train.batches import (
+    CaptionTable,
+    FoilTable,
+    QuestionTable,
+    VQABatch,
+    decode_images,
+    foil_table,
+    sample_caption_per_image,
+    tokenize_captions,
+    tokenize_questions,
+    vqa_batch,
+)
+from mmplatform.train.objectives import (
+    SET_LEVEL,
+    FeatureCache,
+    accumulation_total,
+    contrastive_features,
+    model_config,
+    multitask_loss,
+    recall_at_1,
+    trim,
+)
 
 log = logging.getLogger(__name__)
 CKPT = "last.pt"
+JOURNAL = "journal.jsonl"  # one line per optimiser step as it is taken, recomputed steps included
 VAL_IMAGES = 500  # val images scored each epoch (R@1 among them)
+VAL_LOSS_IMAGES = 256  # of which the val losses use the first ones
+LOG_EVERY = 20  # steps between MLflow train metrics
+# Random streams, each keyed by its position (step_seed)
+PERMUTATION, CAPTIONS, QUESTIONS, LOSS = range(4)
 
 
+# ----------------------------------------------------------------------------- randomness and schedule
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def step_seed(seed: int, epoch: int, step: int, stream: int, rank: int = 0, micro: int = 0) -> int:
+    """The seed of one random stream at one position. NumPy's ``SeedSequence`` hashes the whole key, so
+    neighbouring keys give unrelated streams (``seed + epoch`` would make seed 1 epoch 0 = seed 0 epoch 1)."""
+    key = [seed, epoch, step, stream, rank, micro]
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(*key: int, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(step_seed(*key))
 
 
 def lr_lambda(warmup: int, total: int):
@@ -53,102 +126,297 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def rng_state() -> dict[str, Any]:
+    """The global generators (nothing in our loop draws from them, but anything a model adds, such as
+    dropout, would); our own generators are derived from the position and need no state."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """What batches are cut from, decoded and tokenised once per worker."""
+
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    caps: CaptionTable
+    cap_rows: list[list[int]]  # caption indices of each image
+    foils: FoilTable | None
+    qa: QuestionTable | None
+    q_rows: list[list[int]] | None
+
+
+def load_data(tokenizer, records: list[dict], image_size: int, p: TrainParams, answers: dict[str, int],
+              foils: bool = False) -> TrainData:
+    caps = tokenize_captions(tokenizer, records, p.text.max_length)
+    qa = tokenize_questions(tokenizer, records, p.text.max_length, answers) if answers else None
+    return TrainData(decode_images(records, image_size), caps, caps.per_image(len(records)),
+                     foil_table(tokenizer, caps, p.text.max_length, p.seed) if foils else None,
+                     qa, qa.per_image(len(records)) if qa else None)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    foils: tuple | None = None  # (ids, mask, has): one NegCLIP foil per caption
+    vqa: VQABatch | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        vqa = VQABatch(**{f.name: move(getattr(self.vqa, f.name)) for f in dataclasses.fields(self.vqa)}) \
+            if self.vqa is not None else None
+        return Batch(move(self.images), move(self.ids), move(self.mask),
+                     tuple(move(x) for x in self.foils) if self.foils else None, vqa)
+
+
+def global_draws(d: TrainData, idx: torch.Tensor, seed: int, epoch: int, step: int
+                 ) -> tuple[torch.Tensor, VQABatch | None]:
+    """One caption and one question per image of the *global* batch, drawn from generators keyed by the
+    position: every worker draws the same, whatever the number of workers."""
+    cap = sample_caption_per_image(d.cap_rows, idx.tolist(), generator(seed, epoch, step, CAPTIONS))
+    vqa = vqa_batch(d.qa, d.q_rows, idx.tolist(), generator(seed, epoch, step, QUESTIONS)) if d.qa else None
+    return cap, vqa
+
+
+def rows_of(d: TrainData, idx: torch.Tensor, cap: torch.Tensor, vqa: VQABatch | None, lo: int, hi: int) -> Batch:
+    """Rows ``lo:hi`` of a global batch as tensors, padding trimmed to these rows."""
+    cap = cap[lo:hi]
+    ids, mask = trim(d.caps.ids[cap], d.caps.mask[cap])
+    foils = None
+    if d.foils is not None:
+        f_ids, f_mask = trim(d.foils.ids[cap], d.foils.mask[cap])
+        foils = (f_ids, f_mask, d.foils.has[cap])
+    if vqa is not None:  # every VQABatch field is per question: keep this slice's questions
+        keep = (vqa.pos >= lo) & (vqa.pos < hi)
+        part = {f.name: getattr(vqa, f.name)[keep] for f in dataclasses.fields(vqa)}
+        part["pos"] = part["pos"] - lo
+        for name in [k for k in part if k.endswith("ids") and k.replace("ids", "mask") in part]:
+            if bool(keep.any()):  # token tensors (question, answer): padding trimmed to these rows
+                part[name], part[name.replace("ids", "mask")] = trim(part[name], part[name.replace("ids", "mask")])
+        vqa = VQABatch(**part)
+    return Batch(d.images[idx[lo:hi]], ids, mask, foils, vqa)
+
+
+# ----------------------------------------------------------------------------- one step
+class MultitaskLoss(nn.Module):
+    """The model with its loss as ``forward``. DDP (Li et al., VLDB 2020) prepares its gradient hooks when
+    its module's ``forward`` runs; our loss calls several sub-modules (encoders, fusion, heads, decoder),
+    so the module DDP wraps is the loss. ``model`` is what is saved."""
+
+    def __init__(self, model: MultimodalModel, p: TrainParams):
+        super().__init__()
+        self.model = model
+        self.p = p
+
+    def forward(self, b: Batch, gen: torch.Generator, cache: FeatureCache | None = None) -> dict[str, torch.Tensor]:
+        p = self.p
+        return multitask_loss(self.model, b.images, b.ids, b.mask, p.loss_weights, gen, foils=b.foils,
+                              triplet_margin=p.triplet_margin, vqa=b.vqa, mlm_probability=p.mlm_probability,
+                              cache=cache)
+
+
+def wrap_ddp(module: MultitaskLoss, probe: Batch, device: torch.device) -> nn.Module:
+    """DDP across the Ray Train workers (``prepare_model``: gloo on CPU, NCCL on GPU; with one worker the
+    module itself). No buffer sync in forward: the model's buffers are constants (pixel mean/std)."""
+    import ray.train
+    import ray.train.torch
+
+    module = module.to(device)
+    unused = unused_parameters(module, probe.to(device)) if ray.train.get_context().get_world_size() > 1 else []
+    if unused:
+        log.info("parameters without a gradient at these loss weights (DDP will not wait for them): %s",
+                 sorted({n.split(".")[1] for n in unused}))
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={
+        "find_unused_parameters": bool(unused), "forward_sync_buffers": False})
+
+
+def unused_parameters(module: MultitaskLoss, b: Batch) -> list[str]:
+    """Parameters one step's loss does not reach, e.g. a head weighted 0. DDP waits for a gradient from
+    every parameter unless told (``find_unused_parameters``), and telling it costs a traversal of the
+    graph every step, so look once (one forward and backward, gradients then cleared)."""
+    module(b, torch.Generator(device=b.images.device).manual_seed(0))["total"].backward()
+    names = [n for n, q in module.named_parameters() if q.requires_grad and q.grad is None]
+    module.zero_grad(set_to_none=True)
+    return names
+
+
+def forward_backward(net: nn.Module, model: MultimodalModel, micro: list[Batch], p: TrainParams,
+                     gens: list[torch.Generator], autocast) -> dict[str, float]:
+    """Forward and backward of one optimiser step over its micro-batches; returns the step's losses.
+
+    One micro-batch: the plain step. Several: OpenCLIP's two passes (``objectives.FeatureCache``): embed
+    every micro-batch without a graph, then per micro-batch recompute with gradients and score against the
+    whole accumulated batch; gradients accumulate locally (``no_sync``) and DDP all-reduces once, in the
+    last pass, which is also the one that gives the logit scale its gradient."""
+    k = len(micro)
+    cache = None
+    if k > 1:
+        with autocast:
+            cache = FeatureCache.from_parts([contrastive_features(model, b.images, b.ids, b.mask, b.foils)
+                                             for b in micro])
+    logged: dict[str, float] = {}
+    start = 0
+    for j, b in enumerate(micro):
+        last = j == k - 1
+        with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with autocast:
+                losses = net(b, gens[j], cache.at(start, scale_grad=last) if cache is not None else None)
+            accumulation_total(losses, p.loss_weights, k).backward()
+        start += len(b.images)
+        for name, v in losses.items():
+            if name != "total":  # set-level terms already span the whole batch; per-sample ones: mean
+                v = float(v.detach())
+                logged[name] = v if name in SET_LEVEL else logged.get(name, 0.0) + v / k
+    logged["total"] = sum(getattr(p.loss_weights, name) * v for name, v in logged.items())
+    return logged
+
+
+def optimizer_step(model: MultimodalModel, opt: torch.optim.Optimizer, sched) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():  # OpenCLIP clamps the parameter itself, not only its use
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def build_optimizer(model: MultimodalModel, p: TrainParams, total_steps: int):
+    decay = [q for q in model.parameters() if q.ndim >= 2]  # no weight decay on biases, norms, the scale
+    no_decay = [q for q in model.parameters() if q.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p.warmup_steps, total_steps))
+
+
+def configure_process(p: TrainParams, device: torch.device) -> None:
+    """Threads, deterministic kernels on CPU (see the module docstring; on GPU speed wins, and cuBLAS
+    would need a fixed workspace), global seeds."""
+    torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(p.seed)
+
+
+def autocast_for(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# ----------------------------------------------------------------------------- the loop
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     import ray.train
+    import ray.train.torch
 
     from mmplatform import tracking
     from mmplatform.data.dataset import read_dataset
 
+    # ---------------------------------------------------------------- setup: process
     p = TrainParams.model_validate(config["params"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)
-    seed_everything(p.seed)
+    device = ray.train.torch.get_device()
+    configure_process(p, device)
+    autocast = autocast_for(device, p.precision)
 
     # ---------------------------------------------------------------- setup: data
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     train_recs = read_dataset(config["train_dir"], split="train")
     val_recs = read_dataset(config["val_dir"], split="val")[:VAL_IMAGES]
     image_size = config["image_size"]
-    images = decode_images(train_recs, image_size)
-    caps = tokenize_captions(tokenizer, train_recs, p.text.max_length)
-    rows = caps.per_image(len(train_recs))
-    foil_tab = foil_table(tokenizer, caps, p.text.max_length, p.seed) if p.foil_negatives else None
-    val_images = decode_images(val_recs, image_size)
-    val_caps = tokenize_captions(tokenizer, val_recs, p.text.max_length)
-    val_first = torch.tensor([r[0] for r in val_caps.per_image(len(val_recs))])
+    # VQA: the answer vocabulary is built from the training answers and saved in the model config
+    use_vqa = p.loss_weights.vqa > 0 or p.loss_weights.vqa_generative > 0
+    answers = build_answer_vocab(a for r in train_recs for a in r["answers"]) if use_vqa else {}
+    data = load_data(tokenizer, train_recs, image_size, p, answers, foils=p.foil_negatives)
+    val = load_data(tokenizer, val_recs, image_size, p, answers)
+    n_train = len(train_recs)
+    del train_recs, val_recs
 
     # ---------------------------------------------------------------- setup: model, optimiser, resume
-    model = MultimodalModel(model_config(p, tokenizer, image_size))
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2]
-    no_decay = [q for n, q in model.named_parameters() if q.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
     global_batch = p.batch_size
-    local_batch = max(1, global_batch // world)
-    steps_per_epoch = len(train_recs) // global_batch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p.warmup_steps, steps_per_epoch * p.epochs))
+    local_batch = global_batch // world
+    micro_batch = local_batch // p.accum_steps
+    steps_per_epoch = n_train // global_batch
+    model = MultimodalModel(model_config(p, tokenizer, image_size, list(answers)))
     ckpt_dir = Path(config["ckpt_dir"])
-    start_epoch, history = 0, []
-    if (ckpt_dir / CKPT).exists():
-        state = torch.load(ckpt_dir / CKPT, weights_only=False)
+    state = read_checkpoint(ckpt_dir)  # None on a fresh start
+    if state is not None:
         model.load_state_dict(state["model"])
+    first = torch.arange(global_batch)
+    probe = rows_of(data, first, *global_draws(data, first, p.seed, 0, 0), 0, micro_batch)
+    net = wrap_ddp(MultitaskLoss(model, p), probe, device)  # DDP also broadcasts rank 0's weights
+    opt, sched = build_optimizer(model, p, steps_per_epoch * p.epochs)
+    start_epoch, start_step, history, step_log = 0, 0, [], []
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        log.info("resumed from %s at epoch %d", ckpt_dir / CKPT, start_epoch)
-    gen = torch.Generator().manual_seed(p.seed * 1000 + rank)
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        start_epoch, start_step = state["epoch"], state["step"]
+        history, step_log = state["history"], state["steps"]
+        log.info("resumed from %s at epoch %d step %d", ckpt_dir / CKPT, start_epoch, start_step)
     run_id = config.get("mlflow_run_id") if rank == 0 else None
+
+    def checkpoint(epoch: int, step: int) -> None:
+        """Position = the next step to run. Every rank takes part (RNG states, barrier); rank 0 writes."""
+        rngs = gather_objects(rng_state(), world)
+        if rank == 0:
+            save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "rng": rngs, "epoch": epoch,
+                                       "step": step, "history": history, "steps": step_log,
+                                       "world_size": world})
+        barrier(world)  # nobody runs ahead of a checkpoint that is still being written
 
     # ---------------------------------------------------------------- train
     for epoch in range(start_epoch, p.epochs):
-        model.train()
+        net.train()
         t0 = time.time()
-        perm = torch.randperm(len(train_recs), generator=torch.Generator().manual_seed(p.seed + epoch))
-        sums: dict[str, float] = {}
-        for step in range(steps_per_epoch):
-            idx = perm[step * global_batch:(step + 1) * global_batch][rank * local_batch:(rank + 1) * local_batch]
-            cap_idx = sample_caption_per_image(rows, idx.tolist(), gen)
-            ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
-            batch_foils = None
-            if foil_tab is not None:
-                f_ids, f_mask = trim(foil_tab.ids[cap_idx], foil_tab.mask[cap_idx])
-                batch_foils = (f_ids, f_mask, foil_tab.has[cap_idx])
-            losses = multitask_loss(model, images[idx], ids, mask, p.loss_weights, gen, foils=batch_foils,
-                                    triplet_margin=p.triplet_margin)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            average_gradients(model.parameters())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            with torch.no_grad():  # OpenCLIP clamps the parameter itself, not only its use
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+        perm = torch.randperm(n_train, generator=generator(p.seed, epoch, 0, PERMUTATION))
+        for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
             gstep = epoch * steps_per_epoch + step
-            if step % 20 == 0:
-                tracking.log_metrics(run_id, {f"train/{k}": float(v) for k, v in losses.items()}
+            _maybe_inject_fault(config, gstep, rank, world, ckpt_dir)
+            idx = perm[step * global_batch:(step + 1) * global_batch]
+            cap, vqa = global_draws(data, idx, p.seed, epoch, step)
+            lo = rank * local_batch
+            micro = [rows_of(data, idx, cap, vqa, lo + j * micro_batch, lo + (j + 1) * micro_batch).to(device)
+                     for j in range(p.accum_steps)]
+            gens = [generator(p.seed, epoch, step, LOSS, rank, j, device=device) for j in range(p.accum_steps)]
+            losses = forward_backward(net, model, micro, p, gens, autocast)
+            optimizer_step(model, opt, sched)
+            # Each worker's contrastive term is its rows' share of the global loss; the mean over workers
+            # is the global batch's loss, what one worker would log.
+            losses = all_reduce_mean(losses, world, device)
+            step_log.append({"epoch": epoch, "step": step, **losses})
+            if rank == 0:
+                append_journal(ckpt_dir, step_log[-1])
+            if step % LOG_EVERY == 0:
+                tracking.log_metrics(run_id, {f"train/{k}": v for k, v in losses.items()}
                                      | {"train/lr": sched.get_last_lr()[0],
-                                        "train/logit_scale": float(model.logit_scale.exp())}, gstep)
+                                        "train/logit_scale": float(model.logit_scale.detach().exp())}, gstep)
+            if (gstep + 1) % p.checkpoint_every_steps == 0 and step + 1 < steps_per_epoch:
+                checkpoint(epoch, step + 1)
         # ------------------------------------------------------------ validate
-        model.eval()
-        with torch.no_grad():
-            vl = multitask_loss(model, val_images[:256], val_caps.ids[val_first[:256]],
-                                val_caps.mask[val_first[:256]], p.loss_weights, torch.Generator().manual_seed(0))
-            r1 = recall_at_1(model, val_images, val_caps.ids[val_first], val_caps.mask[val_first])
-        row = {"epoch": epoch, "seconds": time.time() - t0,
-               **{f"train_{k}": v / max(1, steps_per_epoch) for k, v in sums.items()},
-               **{f"val_{k}": float(v) for k, v in vl.items()}, "val_t2i_recall@1": r1}
+        net.eval()
+        row = {"epoch": epoch, "seconds": time.time() - t0, **epoch_means(step_log, epoch),
+               **validate(model, val, p, rank, world, device, autocast)}
         history.append(row)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
         tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, epoch)
         # ------------------------------------------------------------ save_checkpoint
-        if rank == 0:
-            save_checkpoint(ckpt_dir, model, opt, sched, epoch, history)
-        _maybe_inject_fault(config, epoch, ckpt_dir)
+        checkpoint(epoch + 1, 0)
         # Our own checkpoint (above) is what a restarted worker group or a re-run stage resumes from,
         # so Ray only gets the metrics.
         ray.train.report(dict(row))  # also a barrier across workers
@@ -158,62 +426,162 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
 
 
-def _maybe_inject_fault(config: dict[str, Any], epoch: int, ckpt_dir: Path) -> None:
-    """Test hook: kill this worker once, after the checkpoint of epoch ``fault_inject_epoch``, so tests
-    can check that Ray restarts the worker group and training resumes without losing or repeating a step."""
+def epoch_means(step_log: list[dict], epoch: int) -> dict[str, float]:
+    """Mean train losses of an epoch, from the per-step log (so a resumed epoch counts every step once)."""
+    rows = [r for r in step_log if r["epoch"] == epoch]
+    keys = [k for k in rows[0] if k not in ("epoch", "step")] if rows else []
+    return {f"train_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+@torch.no_grad()
+def validate(model: MultimodalModel, val: TrainData, p: TrainParams, rank: int, world: int,
+             device: torch.device, autocast) -> dict[str, float]:
+    """Val losses on the first ``VAL_LOSS_IMAGES`` images (first caption each), split across workers as a
+    training batch is (the contrastive term then sees them all), averaged over workers; R@1 on rank 0."""
+    n = min(VAL_LOSS_IMAGES, len(val.images)) // world * world
+    idx = torch.arange(n)
+    first = torch.tensor([r[0] for r in val.cap_rows])
+    vqa = vqa_batch(val.qa, val.q_rows, range(n), torch.Generator().manual_seed(0)) if val.qa else None
+    b = rows_of(val, idx, first[:n], vqa, rank * n // world, (rank + 1) * n // world).to(device)
+    with autocast:
+        vl = multitask_loss(model, b.images, b.ids, b.mask, p.loss_weights,
+                            torch.Generator(device=device).manual_seed(rank), vqa=b.vqa,
+                            mlm_probability=p.mlm_probability)
+    vl = all_reduce_mean({k: float(v) for k, v in vl.items()}, world, device)
+    out = {f"val_{k}": v for k, v in vl.items()}
+    if rank == 0:
+        with autocast:
+            out["val_t2i_recall@1"] = recall_at_1(model, val.images.to(device), val.caps.ids[first].to(device),
+                                                  val.caps.mask[first].to(device))
+    return out
+
+
+# ----------------------------------------------------------------------------- collectives (no-ops alone)
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist(), strict=True))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _maybe_inject_fault(config: dict[str, Any], gstep: int, rank: int, world: int, ckpt_dir: Path) -> None:
+    """Test hook: the last worker raises once, before optimiser step ``fault_inject_step`` (counted over
+    epochs), so tests can check that Ray restarts the worker group and training resumes from the last
+    checkpoint without losing or repeating a step."""
     marker = ckpt_dir / "fault_injected"
-    if config.get("fault_inject_epoch") == epoch and not marker.exists():
-        marker.write_text(str(epoch))
-        raise RuntimeError(f"injected fault after epoch {epoch}")
+    if config.get("fault_inject_step") == gstep and rank == world - 1 and not marker.exists():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(gstep))
+        raise RuntimeError(f"injected fault on rank {rank} before step {gstep}")
 
 
-def save_checkpoint(ckpt_dir: Path, model, opt, sched, epoch: int, history: list) -> None:
+def append_journal(ckpt_dir: Path, row: dict[str, Any]) -> None:
+    """Append-only, unlike the checkpoint's step log: after a failure it shows the steps that were lost
+    and taken again."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with open(ckpt_dir / JOURNAL, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_journal(ckpt_dir: str | Path) -> list[dict]:
+    path = Path(ckpt_dir) / JOURNAL
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def save_checkpoint(ckpt_dir: Path, state: dict[str, Any]) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / (CKPT + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history}, tmp)
+    torch.save(state, tmp)
     os.replace(tmp, ckpt_dir / CKPT)  # atomic: a crash leaves the previous checkpoint whole
 
 
-def read_history(ckpt_dir: str | Path) -> list[dict]:
+def read_checkpoint(ckpt_dir: str | Path) -> dict[str, Any] | None:
     path = Path(ckpt_dir) / CKPT
-    return torch.load(path, weights_only=False)["history"] if path.exists() else []
+    return torch.load(path, weights_only=False, map_location="cpu") if path.exists() else None
+
+
+def read_history(ckpt_dir: str | Path) -> list[dict]:
+    """Per-epoch rows (train means, val losses, val R@1) of the run in ``ckpt_dir``."""
+    state = read_checkpoint(ckpt_dir)
+    return state["history"] if state else []
+
+
+def read_steps(ckpt_dir: str | Path) -> list[dict]:
+    """Per-step rows (epoch, step, losses) of every optimiser step the checkpointed model has taken."""
+    state = read_checkpoint(ckpt_dir)
+    return state["steps"] if state else []
+
+
+# ----------------------------------------------------------------------------- driver
+# Params that change how a run executes, not what it computes (up to float rounding: see the module
+# docstring on data order), so a re-run with another worker layout resumes the same checkpoint.
+_EXECUTION_ONLY = ("num_workers", "cpus_per_worker", "threads_per_worker", "checkpoint_every_steps", "max_failures")
+
+
+def checkpoint_key(p: TrainParams, content_hash: str) -> str:
+    import hashlib
+
+    params = {k: v for k, v in p.model_dump().items() if k not in _EXECUTION_ONLY}
+    return hashlib.sha256(json.dumps([params, content_hash], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, out_dir: str | Path,
                  cache_dir: str | Path, mlflow_run_id: str | None = None,
-                 fault_inject_epoch: int | None = None) -> list[dict]:
+                 fault_inject_step: int | None = None) -> list[dict]:
     """Driver side: train the tokenizer, pick the resume directory, run the workers, return history.
 
-    The checkpoint directory is keyed by the params and the training data's content hash, so a re-run
-    after an interruption resumes, while a change of either starts afresh.
+    The checkpoint directory is keyed by the params (but not the worker layout: ``_EXECUTION_ONLY``) and
+    the training data's content hash, so a re-run after an interruption resumes, while a change of either
+    starts afresh. ``fault_inject_step``: test hook, the last worker fails once before that step.
     """
-    import hashlib
-    import json
-
     from mmplatform.compute import run_workers
     from mmplatform.data.dataset import read_dataset, read_manifest
     from mmplatform.models.tokenizer import save_tokenizer, train_tokenizer
+    from mmplatform.train.batches import tokenizer_texts
 
+    splits = max(1, p.num_workers) * p.accum_steps
+    if p.batch_size % splits:
+        raise ValueError(f"train.batch_size={p.batch_size} must be a multiple of train.num_workers x "
+                         f"train.accum_steps = {splits} (every micro-batch the same size)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_recs = read_dataset(train_dir, columns=["captions", "split", "width"], split="train")
+    train_recs = read_dataset(train_dir, columns=["captions", "questions", "answers", "split", "width"],
+                              split="train")
     if len(train_recs) < p.batch_size:
         raise ValueError(f"{train_dir}: {len(train_recs)} training images, fewer than train.batch_size "
                          f"={p.batch_size}")
-    tokenizer = train_tokenizer((c for r in train_recs for c in r["captions"]), p.text.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_texts(train_recs), p.text.vocab_size)  # captions and questions
     tok_dir = out_dir / "tokenizer"
     save_tokenizer(tokenizer, tok_dir)
     image_size = int(train_recs[0]["width"])
-    key = hashlib.sha256(json.dumps([p.model_dump(), read_manifest(train_dir)["content_hash"]],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = checkpoint_key(p, read_manifest(train_dir)["content_hash"])
     ckpt_dir = Path(cache_dir) / f"train-{key}"
     config = {"params": p.model_dump(), "tokenizer_dir": str(tok_dir.resolve()),
               "train_dir": str(Path(train_dir).resolve()), "val_dir": str(Path(val_dir).resolve()),
               "out_dir": str(out_dir.resolve()), "ckpt_dir": str(ckpt_dir.resolve()),
               "image_size": image_size, "mlflow_run_id": mlflow_run_id,
-              "fault_inject_epoch": fault_inject_epoch}
+              "fault_inject_step": fault_inject_step}
     run_workers(train_loop_per_worker, config, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker,
-                storage_path=Path(cache_dir) / "ray", name=f"train-{key}")
+                storage_path=Path(cache_dir) / "ray", name=f"train-{key}", max_failures=p.max_failures)
     return read_history(ckpt_dir)
-
