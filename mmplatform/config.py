@@ -121,8 +121,18 @@ class AugmentParams(_Section):
 
 
 # ----------------------------------------------------------------------------- train
+Finetune = Literal["full", "partial", "frozen"]
+_NAME_HELP = ("a transformers model by hub name or local folder (safetensors only, never remote code); "
+              "null = the small config built from the keys below")
+_FINETUNE_HELP = "full: train it all; partial: only the last trainable_layers blocks and final norms; frozen: none"
+
+
 class VisionParams(_Section):
-    arch: Literal["vit"] = "vit"
+    arch: Literal["vit", "convnext", "dinov2", "clip"] = Field(
+        "vit", description="small config built when name_or_path is null (convnext ignores patch_size, heads)")
+    name_or_path: str | None = Field(None, description=_NAME_HELP)
+    finetune: Finetune = Field("full", description=_FINETUNE_HELP)
+    trainable_layers: int = Field(2, ge=1, description="blocks / stages trained with finetune=partial")
     patch_size: int = Field(8, ge=2)
     hidden_size: int = Field(128, ge=16)
     layers: int = Field(3, ge=1)
@@ -130,7 +140,12 @@ class VisionParams(_Section):
 
 
 class TextParams(_Section):
-    arch: Literal["bert"] = "bert"
+    arch: Literal["bert", "roberta", "distilbert"] = Field("bert", description="small config built when "
+                                                            "name_or_path is null")
+    name_or_path: str | None = Field(None, description=_NAME_HELP + "; its tokenizer replaces the locally "
+                                                                    "trained one (vocab_size is then unused)")
+    finetune: Finetune = Field("full", description=_FINETUNE_HELP)
+    trainable_layers: int = Field(2, ge=1, description="blocks trained with finetune=partial")
     hidden_size: int = Field(128, ge=16)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)

@@ -27,6 +27,13 @@ def photo_tiles() -> list[Image.Image]:
     return tiles
 
 
+@pytest.fixture(autouse=True)
+def _own_mlflow_store(tmp_path, monkeypatch):
+    # The clean stage aligns with the registered champion when the MLflow store has one: point it at an
+    # empty store so a champion left in the checkout's mlflow.db by an earlier `make run` does not leak in.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def test_coco_real_photos_through_ingest_and_clean_keep_every_valid_record(tmp_path, photo_tiles):
     root = tmp_path / "coco"
     (root / "images").mkdir(parents=True)

@@ -238,8 +238,8 @@ def test_mlm_head_and_vqa_head_on_the_real_model_pass_gradients_to_the_encoders(
     l_vqa = vqa_loss(model.vqa_logits(img_tok, model.text_tokens(ids, mask), mask), vqa_soft_targets(answers, vocab))
     (l_mlm + l_vqa).backward()
     assert torch.isfinite(l_mlm) and torch.isfinite(l_vqa)
-    assert model.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    assert model.vision.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    assert model.text.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.vision.model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
     assert set(model.answer_questions(images, ids, mask)) <= set(vocab)
     # without the config keys there are no heads, and asking for them says so
     plain = MultimodalModel(ModelConfig(**{**cfg.__dict__, "vqa_answers": [], "mlm": False}))

@@ -47,7 +47,7 @@ def test_scst_raises_reward_on_tiny_task():
     _cross_entropy_warmup(model, tok, recs, images)
     reference = copy.deepcopy(model).eval()
     params = trainable_parameters(model)
-    frozen_before = model.vision.embeddings.patch_embeddings.projection.weight.clone()
+    frozen_before = model.vision.model.embeddings.patch_embeddings.projection.weight.clone()
     cfg = SCSTConfig(batch_size=16, max_length=16, samples_per_image=4, lr=3e-4)
     reward_fn = build_rewards({"cider_d": 1.0}, refs)
     opt = torch.optim.AdamW(params, lr=cfg.lr)
@@ -65,4 +65,4 @@ def test_scst_raises_reward_on_tiny_task():
         assert key in rows[-1]
     assert rows[-1]["rl/kl_to_reference"] > 0  # the policy moved away from the reference
     # The vision encoder is frozen: RL only moves the captioner.
-    assert torch.equal(model.vision.embeddings.patch_embeddings.projection.weight, frozen_before)
+    assert torch.equal(model.vision.model.embeddings.patch_embeddings.projection.weight, frozen_before)

@@ -373,6 +373,24 @@ def load_text_encoder(name_or_path: str | os.PathLike, *, finetune: Finetune = "
     return TextEncoder(model, tokenizer, finetune=finetune, trainable_layers=trainable_layers)
 
 
+def check_source(name_or_path: str | os.PathLike, what: str = "encoder") -> None:
+    """Raise :class:`EncoderNotFoundError` (one line) when ``name_or_path`` cannot be loaded; reads only the config
+    (for a driver to fail before its workers start)."""
+    _resolve(name_or_path, what)
+
+
+def load_pretrained_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """The tokenizer of a text model by hub name or local folder (never remote code); one-line
+    :class:`EncoderNotFoundError` when it cannot be loaded."""
+    what = "text encoder"
+    name, local_only = _resolve(name_or_path, what)
+    tokenizer = _load_optional(AutoTokenizer, name, local_only, what)
+    if tokenizer is None:
+        raise EncoderNotFoundError(f"{what} '{name}': no tokenizer found (save it beside the model with "
+                                   "tokenizer.save_pretrained)")
+    return tokenizer
+
+
 def _from_config(path: str | os.PathLike) -> tuple[PreTrainedModel, str]:
     path = Path(path)
     if not (path / "config.json").is_file():

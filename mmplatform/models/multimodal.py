@@ -1,8 +1,12 @@
 """The multimodal model: two ``transformers`` encoders, a fusion module, and its heads.
 
 Composition, not inheritance (torchtune): ``MultimodalModel`` holds
-- ``vision``: a ``ViTModel`` built from a small config (any ViT config works);
-- ``text``: a ``BertModel`` built from a small config, fed by a locally trained word-level tokenizer;
+- ``vision``: a :class:`~mmplatform.models.encoders.VisionEncoder`: by default a ``ViTModel`` built from the
+  small config in ``ModelConfig``; ``vision_arch`` picks another small builder (ConvNeXt, DINOv2, CLIP), and
+  ``vision_name_or_path`` any ``transformers`` vision model by hub name or local folder, with its processor;
+- ``text``: a :class:`~mmplatform.models.encoders.TextEncoder`: by default a ``BertModel`` from the small
+  config, fed by a locally trained word-level tokenizer; ``text_name_or_path`` loads a pretrained text model,
+  whose own tokenizer is then used (``train.objectives.make_tokenizer``);
 - ``fusion`` (:mod:`mmplatform.models.fusion`) + ``itm_head``: image-text matching on the fused pair;
 - projections + a learned temperature for contrastive alignment (CLIP; temperature init 0.07, clamped);
 - ``decoder``: a ``BertLMHeadModel`` with cross-attention over the projected image tokens, the captioner
@@ -12,8 +16,12 @@ Composition, not inheritance (torchtune): ``MultimodalModel`` holds
 - ``mlm_head`` (only when ``cfg.mlm``): masked words predicted from the text states with cross-attention to
   the image (:class:`~mmplatform.models.heads.MLMHead`, ALBEF/BLIP).
 
-Saved as ``model.safetensors`` + ``model_config.json`` + ``tokenizer/`` in one directory. The optional
-heads default to off, so a ``model_config.json`` written before they existed still loads.
+Saved as ``model.safetensors`` + ``model_config.json`` + ``tokenizer/`` in one directory, plus
+``vision_encoder/`` / ``text_encoder/`` (``config.json`` and processor / tokenizer, no weights) for a
+pretrained encoder, so the saved model rebuilds its architecture offline without the hub. The optional
+heads and the encoder fields default to off / today's small encoders, so a ``model_config.json`` written before
+they existed still loads; so do its weights, saved when the encoders were bare ``ViTModel`` / ``BertModel``
+attributes (``vision.*`` keys are read as ``vision.model.*``, see ``_upgrade_old_keys``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,16 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import BertConfig, BertLMHeadModel, BertModel, ViTConfig, ViTModel
 
+from mmplatform.models.encoders import (
+    TextEncoder,
+    VisionEncoder,
+    load_text_encoder,
+    load_vision_encoder,
+    small_text_encoder,
+    small_vision_encoder,
+    text_encoder_from_config,
+    vision_encoder_from_config,
+)
 from mmplatform.models.fusion import build_fusion
 from mmplatform.models.heads import MLMHead, VQAClassifier, normalize_answer
 
@@ -61,6 +79,16 @@ class ModelConfig:
     mlm: bool = False  # build the masked-language-modelling head (image context)
     vqa_generative: bool = False  # the decoder was also trained to answer questions (question as prefix)
     mask_id: int | None = None  # the tokenizer's [MASK], needed by MLM
+    # Encoders (defaults = the small ViT / BERT above, so older configs load unchanged). *_name_or_path: a
+    # transformers model by hub name or local folder; its hidden size then replaces *_hidden.
+    vision_arch: str = "vit"
+    vision_name_or_path: str | None = None
+    vision_finetune: str = "full"
+    vision_trainable_layers: int = 2
+    text_arch: str = "bert"
+    text_name_or_path: str | None = None
+    text_finetune: str = "full"
+    text_trainable_layers: int = 2
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
@@ -84,26 +112,72 @@ def _no_dropout() -> dict:
     return {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
-class MultimodalModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.vision = ViTModel(ViTConfig(
+VISION_DIR, TEXT_DIR = "vision_encoder", "text_encoder"  # a pretrained encoder's config beside the weights
+
+
+def build_vision_encoder(cfg: ModelConfig, saved: Path | None = None) -> VisionEncoder:
+    """The vision encoder ``cfg`` names. ``saved``: a saved model's folder; a pretrained encoder's architecture is
+    then rebuilt from ``saved/vision_encoder`` (no hub, no weights: they come from the model's safetensors)."""
+    ft = {"finetune": cfg.vision_finetune, "trainable_layers": cfg.vision_trainable_layers}
+    if cfg.vision_name_or_path:
+        if saved is not None:
+            return vision_encoder_from_config(saved / VISION_DIR, **ft)
+        return load_vision_encoder(cfg.vision_name_or_path, **ft)
+    if cfg.vision_arch == "vit":
+        # Built as before the encoders module existed (no pooler constructed), so a seed gives the same weights.
+        return VisionEncoder(ViTModel(ViTConfig(
             image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
             hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
             num_attention_heads=cfg.vision_heads, intermediate_size=4 * cfg.vision_hidden, **_no_dropout(),
-        ), add_pooling_layer=False)
-        self.text = BertModel(BertConfig(
+        ), add_pooling_layer=False), **ft)
+    return small_vision_encoder(cfg.vision_arch, image_size=cfg.image_size, hidden=cfg.vision_hidden,
+                                layers=cfg.vision_layers, patch_size=cfg.patch_size, heads=cfg.vision_heads, **ft)
+
+
+def build_text_encoder(cfg: ModelConfig, saved: Path | None = None) -> TextEncoder:
+    """The text encoder ``cfg`` names; ``saved`` as in :func:`build_vision_encoder`."""
+    ft = {"finetune": cfg.text_finetune, "trainable_layers": cfg.text_trainable_layers}
+    if cfg.text_name_or_path:
+        if saved is not None:
+            return text_encoder_from_config(saved / TEXT_DIR, **ft)
+        return load_text_encoder(cfg.text_name_or_path, **ft)
+    if cfg.text_arch == "bert":
+        return TextEncoder(BertModel(BertConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
             num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_hidden,
             max_position_embeddings=cfg.max_length, pad_token_id=cfg.pad_id, **_no_dropout(),
-        ), add_pooling_layer=False)
-        self.img_proj = nn.Linear(cfg.vision_hidden, cfg.embed_dim, bias=False)
-        self.txt_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim, bias=False)
+        ), add_pooling_layer=False), **ft)
+    return small_text_encoder(cfg.text_arch, vocab_size=cfg.vocab_size, hidden=cfg.text_hidden,
+                              layers=cfg.text_layers, max_length=cfg.max_length, heads=cfg.text_heads,
+                              pad_id=cfg.pad_id, **ft)
+
+
+def _upgrade_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    # Weights saved before the encoders were wrapped: "vision.embeddings..." is now "vision.model.embeddings...".
+    for part in ("vision.", "text."):
+        old = prefix + part
+        if any(k.startswith(old + "model.") for k in state_dict):
+            continue
+        for k in [k for k in state_dict if k.startswith(old)]:
+            state_dict[old + "model." + k[len(old):]] = state_dict.pop(k)
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, saved: str | Path | None = None):
+        """``saved``: the folder a model is being loaded from (see :meth:`load`), so that pretrained encoders are
+        rebuilt from their saved configs instead of being fetched."""
+        super().__init__()
+        self.cfg = cfg
+        saved = Path(saved) if saved is not None else None
+        self.vision = build_vision_encoder(cfg, saved)
+        self.text = build_text_encoder(cfg, saved)
+        vision_hidden, text_hidden = self.vision.hidden_size, self.text.hidden_size
+        self.img_proj = nn.Linear(vision_hidden, cfg.embed_dim, bias=False)
+        self.txt_proj = nn.Linear(text_hidden, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.fusion = build_fusion(cfg.fusion, cfg.vision_hidden, cfg.text_hidden, cfg.embed_dim)
+        self.fusion = build_fusion(cfg.fusion, vision_hidden, text_hidden, cfg.embed_dim)
         self.itm_head = nn.Linear(self.fusion.out_dim, 2)
-        self.memory_proj = nn.Linear(cfg.vision_hidden, cfg.decoder_hidden)
+        self.memory_proj = nn.Linear(vision_hidden, cfg.decoder_hidden)
         self.decoder = BertLMHeadModel(BertConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.decoder_hidden, num_hidden_layers=cfg.decoder_layers,
             num_attention_heads=cfg.decoder_heads, intermediate_size=4 * cfg.decoder_hidden,
@@ -113,19 +187,29 @@ class MultimodalModel(nn.Module):
         self.vqa_head = VQAClassifier(self.fusion.out_dim, len(cfg.vqa_answers)) if cfg.vqa_answers else None
         if cfg.mlm and cfg.mask_id is None:
             raise ValueError("ModelConfig.mlm needs mask_id (the tokenizer's [MASK] id)")
-        self.mlm_head = (MLMHead(cfg.text_hidden, cfg.vision_hidden, cfg.vocab_size, heads=cfg.text_heads)
+        mlm_heads = getattr(self.text.config, "num_attention_heads", None) or cfg.text_heads
+        self.mlm_head = (MLMHead(text_hidden, vision_hidden, cfg.vocab_size, heads=mlm_heads)
                          if cfg.mlm else None)
-        # Images come in as uint8; normalise inside the model so every caller gets the same transform.
+        # Images come in as uint8; normalise inside the model so every caller gets the same transform. A
+        # pretrained encoder gets its own processor's resize and mean/std (VisionEncoder.preprocess); the small
+        # ones keep this fixed 0.5/0.5 transform, bit for bit what models trained before it saw.
+        self._processor_pixels = bool(cfg.vision_name_or_path)
         self.register_buffer("pixel_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.register_load_state_dict_pre_hook(_upgrade_old_keys)
 
     # ------------------------------------------------------------------ encoders
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) → what the vision encoder takes."""
+        if self._processor_pixels:
+            return self.vision.preprocess(images)
+        return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
-        return self.vision(pixel_values=x).last_hidden_state
+        return self.vision.tokens(self.pixel_values(images))
 
     def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.text(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.text.tokens(ids, mask)
 
     def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.img_proj(tokens[:, 0]), dim=-1)
@@ -295,12 +379,16 @@ class MultimodalModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_model(self, str(path / "model.safetensors"))  # handles the decoder's tied embeddings
         (path / "model_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        if self.cfg.vision_name_or_path:
+            self.vision.save_config(path / VISION_DIR)
+        if self.cfg.text_name_or_path:
+            self.text.save_config(path / TEXT_DIR)
 
     @classmethod
     def load(cls, path: str | Path) -> MultimodalModel:
         path = Path(path)
         cfg = ModelConfig.from_dict(json.loads((path / "model_config.json").read_text()))
-        model = cls(cfg)
+        model = cls(cfg, saved=path)
         load_model(model, str(path / "model.safetensors"))
         return model.eval()
 

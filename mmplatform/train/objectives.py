@@ -6,13 +6,14 @@ Kept apart from the loop (``recipe``) so the objectives, the heads and the loop 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mmplatform.config import TrainParams
+from mmplatform.models.encoders import EncoderNotFoundError, check_source, load_pretrained_tokenizer
 from mmplatform.models.heads import vqa_loss
 from mmplatform.models.losses import (
     MAX_LOGIT_SCALE,
@@ -26,6 +27,31 @@ from mmplatform.models.losses import (
 )
 from mmplatform.models.multimodal import ModelConfig, MultimodalModel
 from mmplatform.train.batches import VQABatch
+
+
+def make_tokenizer(p: TrainParams, texts: Iterable[str]):
+    """The tokenizer the text encoder reads: a pretrained text model's own when ``text.name_or_path`` is set (its
+    ids are what its embeddings were trained on), else a word-level one trained on ``texts``. Raises
+    :class:`EncoderNotFoundError` (one line) for an unreachable model or one whose tokenizer lacks a token the
+    decoder and MLM need."""
+    from mmplatform.models.tokenizer import train_tokenizer
+
+    if not p.text.name_or_path:
+        return train_tokenizer(texts, p.text.vocab_size)
+    tok = load_pretrained_tokenizer(p.text.name_or_path)
+    missing = [t for t in ("pad", "cls", "sep", "mask", "unk") if getattr(tok, f"{t}_token_id", None) is None]
+    if missing:
+        raise EncoderNotFoundError(f"text encoder '{p.text.name_or_path}': its tokenizer has no "
+                                   f"{', '.join(t + '_token' for t in missing)} (the captioner and MLM need them)")
+    return tok
+
+
+def check_encoders(p: TrainParams) -> None:
+    """Fail in the driver, in one line, before any worker starts, when an encoder cannot be loaded."""
+    if p.vision.name_or_path:
+        check_source(p.vision.name_or_path, "vision encoder")
+    if p.text.name_or_path:
+        check_source(p.text.name_or_path, "text encoder")
 
 
 def model_config(p: TrainParams, tokenizer, image_size: int, vqa_answers: Sequence[str] = ()) -> ModelConfig:
@@ -45,6 +71,10 @@ def model_config(p: TrainParams, tokenizer, image_size: int, vqa_answers: Sequen
         vqa_answers=list(vqa_answers) if p.loss_weights.vqa > 0 else [],
         mlm=p.loss_weights.mlm > 0, mask_id=tokenizer.mask_token_id,
         vqa_generative=p.loss_weights.vqa_generative > 0,
+        vision_arch=p.vision.arch, vision_name_or_path=p.vision.name_or_path, vision_finetune=p.vision.finetune,
+        vision_trainable_layers=p.vision.trainable_layers,
+        text_arch=p.text.arch, text_name_or_path=p.text.name_or_path, text_finetune=p.text.finetune,
+        text_trainable_layers=p.text.trainable_layers,
     )
 
 

@@ -81,7 +81,9 @@ from mmplatform.train.objectives import (
     SET_LEVEL,
     FeatureCache,
     accumulation_total,
+    check_encoders,
     contrastive_features,
+    make_tokenizer,
     model_config,
     multitask_loss,
     recall_at_1,
@@ -295,8 +297,11 @@ def optimizer_step(model: MultimodalModel, opt: torch.optim.Optimizer, sched) ->
 
 
 def build_optimizer(model: MultimodalModel, p: TrainParams, total_steps: int):
-    decay = [q for q in model.parameters() if q.ndim >= 2]  # no weight decay on biases, norms, the scale
-    no_decay = [q for q in model.parameters() if q.ndim < 2]
+    # Only what trains: a frozen or partially tuned encoder's fixed weights get no optimiser state (and AdamW's
+    # decoupled weight decay would otherwise still shrink them).
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    decay = [q for q in trainable if q.ndim >= 2]  # no weight decay on biases, norms, the scale
+    no_decay = [q for q in trainable if q.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p.warmup_steps, total_steps))
@@ -557,9 +562,10 @@ def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
     """
     from mmplatform.compute import run_workers
     from mmplatform.data.dataset import read_dataset, read_manifest
-    from mmplatform.models.tokenizer import save_tokenizer, train_tokenizer
+    from mmplatform.models.tokenizer import save_tokenizer
     from mmplatform.train.batches import tokenizer_texts
 
+    check_encoders(p)  # an unreachable encoder fails here, in one line, before data are read or workers start
     splits = max(1, p.num_workers) * p.accum_steps
     if p.batch_size % splits:
         raise ValueError(f"train.batch_size={p.batch_size} must be a multiple of train.num_workers x "
@@ -571,7 +577,7 @@ def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
     if len(train_recs) < p.batch_size:
         raise ValueError(f"{train_dir}: {len(train_recs)} training images, fewer than train.batch_size "
                          f"={p.batch_size}")
-    tokenizer = train_tokenizer(tokenizer_texts(train_recs), p.text.vocab_size)  # captions and questions
+    tokenizer = make_tokenizer(p, tokenizer_texts(train_recs))  # trained on captions and questions, or pretrained
     tok_dir = out_dir / "tokenizer"
     save_tokenizer(tokenizer, tok_dir)
     image_size = int(train_recs[0]["width"])

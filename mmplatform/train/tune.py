@@ -76,10 +76,9 @@ def trial_epochs(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
     from mmplatform.data.dataset import read_dataset
     from mmplatform.models.heads import build_answer_vocab
     from mmplatform.models.multimodal import MultimodalModel
-    from mmplatform.models.tokenizer import train_tokenizer
     from mmplatform.train import recipe as R
     from mmplatform.train.batches import tokenizer_texts
-    from mmplatform.train.objectives import model_config
+    from mmplatform.train.objectives import make_tokenizer, model_config
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,8 +91,9 @@ def trial_epochs(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
     val_recs = read_dataset(val_dir, split="val")[:R.VAL_IMAGES]
     if len(train_recs) < p.batch_size:
         raise ValueError(f"{train_dir}: {len(train_recs)} training images, fewer than train.batch_size={p.batch_size}")
-    # Per trial, since train.text.vocab_size may be swept; deterministic, and cheap (word counts).
-    tokenizer = train_tokenizer(tokenizer_texts(train_recs), p.text.vocab_size)
+    # Per trial, since train.text.vocab_size may be swept; deterministic, and cheap (word counts); a pretrained
+    # text encoder's own tokenizer when train.text.name_or_path is set.
+    tokenizer = make_tokenizer(p, tokenizer_texts(train_recs))
     image_size = int(train_recs[0]["width"])
     answers = build_answer_vocab(a for r in train_recs for a in r["answers"]) if p.loss_weights.vqa > 0 else {}
     data = R.load_data(tokenizer, train_recs, image_size, p, answers, foils=p.foil_negatives)

@@ -1,0 +1,222 @@
+"""The multimodal model on any Hugging Face encoder, chosen in params: small ConvNeXt / DistilBERT / RoBERTa
+encoders saved to local folders and named by path (as a pretrained checkpoint would be) train, tune only what
+their fine-tuning mode allows, use their own tokenizer and processor, and save / load offline; an uncached hub name
+fails in one line; a model saved before the encoders were wrapped still loads with the same outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmplatform.config import TrainParams
+from mmplatform.data.synthetic import generate_synthetic
+from mmplatform.models.encoders import EncoderNotFoundError, small_text_encoder, small_vision_encoder
+from mmplatform.models.multimodal import ModelConfig, MultimodalModel
+from mmplatform.models.tokenizer import train_tokenizer
+from mmplatform.train.batches import decode_images, tokenize_captions, tokenizer_texts
+from mmplatform.train.objectives import make_tokenizer, model_config, multitask_loss, trim
+from mmplatform.train.recipe import build_optimizer, optimizer_step, run_training
+
+torch.set_num_threads(1)
+DATA_SIZE, ENC_SIZE = 48, 32  # the encoder's processor resizes the 48 px images to its own 32 px
+TINY = {"embed_dim": 16, "batch_size": 8, "lr": 3e-3, "warmup_steps": 0,
+        "decoder": {"hidden_size": 16, "layers": 1, "heads": 2}, "loss_weights": {"vqa": 0.0}}
+
+
+def _params(vision: dict | None = None, text: dict | None = None) -> TrainParams:
+    return TrainParams.model_validate(TINY | {"vision": vision or {}, "text": {"max_length": 24} | (text or {})})
+
+
+@pytest.fixture(scope="module")
+def recs():
+    return [r for r in generate_synthetic(n_train=8, n_val=1, n_test=1, n_test_compositional=1,
+                                          image_size=DATA_SIZE) if r["split"] == "train"][:8]
+
+
+def _save_encoders(root: Path, recs: list[dict], text_kind: str) -> tuple[Path, Path]:
+    """A ConvNeXt and a ``text_kind`` encoder with a tokenizer, saved as pretrained checkpoints are."""
+    torch.manual_seed(1)
+    vis = small_vision_encoder("convnext", image_size=ENC_SIZE, hidden=32, layers=2)
+    tok = train_tokenizer(tokenizer_texts(recs), 128)
+    txt = small_text_encoder(text_kind, vocab_size=len(tok), hidden=32, layers=2, max_length=24,
+                             pad_id=tok.pad_token_id, tokenizer=tok)
+    vis.save_pretrained(root / "vis")
+    txt.save_pretrained(root / "txt")
+    return root / "vis", root / "txt"
+
+
+@pytest.mark.parametrize(("text_kind", "vision_ft", "text_ft"), [
+    ("distilbert", "frozen", "partial"),
+    ("roberta", "partial", "full"),
+])
+def test_local_pretrained_encoders_train_save_and_load_offline(recs, tmp_path, monkeypatch, text_kind,
+                                                               vision_ft, text_ft):
+    vis_dir, txt_dir = _save_encoders(tmp_path, recs, text_kind)
+    p = _params({"name_or_path": str(vis_dir), "finetune": vision_ft, "trainable_layers": 1},
+                {"name_or_path": str(txt_dir), "finetune": text_ft, "trainable_layers": 1})
+    # the text model's own tokenizer (saved beside it), not one trained here with text.vocab_size
+    tok = make_tokenizer(p, tokenizer_texts(recs))
+    assert tok.get_vocab() == train_tokenizer(tokenizer_texts(recs), 128).get_vocab() and len(tok) != 512
+    torch.manual_seed(0)
+    model = MultimodalModel(model_config(p, tok, DATA_SIZE))
+    weights = load_file(str(vis_dir / "model.safetensors"))
+    for k, v in model.vision.model.state_dict().items():  # the saved weights were loaded, not re-initialised
+        assert torch.equal(v, weights[k]), k
+    assert model.vision.hidden_size == 32 and model.img_proj.in_features == 32
+
+    images = decode_images(recs, DATA_SIZE)
+    pixels = model.pixel_values(images)  # the encoder's processor: resized to its size, its mean / std
+    assert pixels.shape[-2:] == (ENC_SIZE, ENC_SIZE) and torch.equal(pixels, model.vision.preprocess(images))
+
+    caps = tokenize_captions(tok, recs, p.text.max_length)
+    cap_idx = torch.tensor([r[0] for r in caps.per_image(len(recs))])
+    ids, mask = trim(caps.ids[cap_idx], caps.mask[cap_idx])
+    opt, sched = build_optimizer(model, p, 100)
+    in_opt = {id(q) for g in opt.param_groups for q in g["params"]}
+    assert in_opt == {id(q) for q in model.parameters() if q.requires_grad}  # frozen weights are not optimised
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    losses = []
+    for _ in range(25):
+        out = multitask_loss(model, images, ids, mask, p.loss_weights, gen)
+        out["total"].backward()
+        optimizer_step(model, opt, sched)
+        losses.append(float(out["total"].detach()))
+    assert losses[-1] < 0.85 * losses[0], losses
+
+    def changed(prefix: str) -> bool:
+        names = [n for n in before if n.startswith(prefix)]
+        assert names, prefix
+        return any(not torch.equal(dict(model.named_parameters())[n], before[n]) for n in names)
+
+    def unchanged(prefix: str) -> bool:
+        names = [n for n in before if n.startswith(prefix)]
+        assert names, prefix
+        return all(torch.equal(dict(model.named_parameters())[n], before[n]) for n in names)
+
+    for head in ("img_proj.", "txt_proj.", "fusion.", "itm_head.", "decoder."):
+        assert changed(head), head
+    # ConvNeXt: stages 0..1; partial with trainable_layers=1 trains only the last stage and the final norm
+    if vision_ft == "frozen":
+        assert unchanged("vision.") and not model.vision.model.training  # frozen stays in eval mode
+    else:
+        assert unchanged("vision.model.embeddings.") and unchanged("vision.model.encoder.stages.0.")
+        assert changed("vision.model.encoder.stages.1.") and changed("vision.model.layernorm.")
+    layers = "text.model.transformer.layer." if text_kind == "distilbert" else "text.model.encoder.layer."
+    if text_ft == "partial":
+        assert unchanged("text.model.embeddings.") and unchanged(layers + "0.") and changed(layers + "1.")
+    else:
+        assert changed("text.model.embeddings.") and changed(layers + "0.")
+
+    # saved, then loaded offline with the source folders gone: the encoder configs travel with the model
+    model.eval()
+    model.save(tmp_path / "model")
+    assert (tmp_path / "model/vision_encoder/config.json").is_file()
+    assert (tmp_path / "model/text_encoder/config.json").is_file()
+    assert not (tmp_path / "model/vision_encoder/model.safetensors").exists()  # weights only in the model's file
+    shutil.rmtree(vis_dir)
+    shutil.rmtree(txt_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    back = MultimodalModel.load(tmp_path / "model")
+    assert back.cfg == model.cfg
+    with torch.no_grad():
+        assert torch.equal(back.embed_images(images), model.embed_images(images))
+        assert torch.equal(back.embed_texts(ids, mask), model.embed_texts(ids, mask))
+        assert torch.equal(back.pixel_values(images), pixels)  # the processor came back too
+
+
+def test_uncached_hub_name_offline_fails_in_one_line_through_the_train_stage(recs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    tok = train_tokenizer(tokenizer_texts(recs), 128)
+    for section in ("vision", "text"):
+        p = _params(**{section: {"name_or_path": "mmp-test-org/no-such-encoder"}})
+        # the driver fails before it reads any data (the train dirs do not exist) or starts a worker
+        with pytest.raises(EncoderNotFoundError) as err:
+            run_training(p, train_dir=tmp_path / "none", val_dir=tmp_path / "none", out_dir=tmp_path / "out",
+                         cache_dir=tmp_path / "cache")
+        msg = str(err.value)
+        assert "\n" not in msg and "local path" in msg and "mmp-test-org/no-such-encoder" in msg
+        assert isinstance(err.value, ValueError)  # the stage entry point prints ValueErrors as one line
+        with pytest.raises(EncoderNotFoundError, match="local path"):  # and so do the workers' model building
+            MultimodalModel(model_config(p, tok, DATA_SIZE))
+    with pytest.raises(EncoderNotFoundError, match="local path"):
+        make_tokenizer(p, tokenizer_texts(recs))
+
+
+def test_default_model_is_unchanged_and_old_saved_models_load():
+    """tests/data/old_model was saved by the code before this change (bare ViTModel / BertModel attributes, no
+    encoder keys in model_config.json), with its embeddings of fixed inputs."""
+    old = Path(__file__).parent / "data" / "old_model"
+    raw = json.loads((old / "model_config.json").read_text())
+    assert "vision_name_or_path" not in raw
+    expected = json.loads((old / "expected.json").read_text())
+    model = MultimodalModel.load(old)
+    assert sum(q.numel() for q in model.parameters()) == expected["n_params"]
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    ids = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
+    mask = (ids != 0).long()
+    assert torch.equal(model.embed_images(images), torch.tensor(expected["image_emb"]))
+    assert torch.equal(model.embed_texts(ids, mask), torch.tensor(expected["text_emb"]))
+    # the default encoders are the same modules as before, wrapped: same parameter count, fixed 0.5/0.5 pixels
+    cfg = ModelConfig(**raw)
+    assert cfg.vision_arch == "vit" and cfg.text_arch == "bert" and cfg.vision_name_or_path is None
+    assert torch.equal(model.pixel_values(images), (images.float() / 255.0 - 0.5) / 0.5)
+    # and a model saved now loads back with the wrapped key names (vision.model.*)
+    assert any(k.startswith("vision.model.") for k in model.state_dict())
+
+
+@pytest.mark.parametrize(("vision_arch", "text_arch"), [("convnext", "distilbert"), ("vit", "roberta")])
+def test_small_encoder_archs_from_params_roundtrip(recs, tmp_path, vision_arch, text_arch):
+    """Without name_or_path, vision.arch / text.arch pick the small builders; nothing extra is saved."""
+    p = _params({"arch": vision_arch, "hidden_size": 16, "layers": 2, "heads": 2},
+                {"arch": text_arch, "hidden_size": 16, "layers": 1, "heads": 2})
+    tok = make_tokenizer(p, tokenizer_texts(recs))
+    torch.manual_seed(0)
+    model = MultimodalModel(model_config(p, tok, DATA_SIZE)).eval()
+    assert model.vision.config.model_type == vision_arch and model.text.config.model_type == text_arch
+    model.save(tmp_path / "m")
+    assert not (tmp_path / "m/vision_encoder").exists() and not (tmp_path / "m/text_encoder").exists()
+    back = MultimodalModel.load(tmp_path / "m")
+    images = decode_images(recs[:2], DATA_SIZE)
+    with torch.no_grad():
+        assert torch.equal(back.embed_images(images), model.embed_images(images))
+
+
+def test_train_stage_runs_on_local_pretrained_encoders(tmp_path, monkeypatch):
+    """run_training (Ray Train's local mode) with a frozen ConvNeXt and a partially tuned DistilBERT named by
+    path: the saved model carries the text model's tokenizer and its encoders' configs, and loads offline."""
+    from mmplatform.data.dataset import write_dataset
+    from mmplatform.models.tokenizer import load_tokenizer
+
+    records = generate_synthetic(n_train=32, n_val=8, n_test=1, n_test_compositional=1, image_size=DATA_SIZE)
+    write_dataset(tmp_path / "data", records, stage="test")
+    vis_dir, txt_dir = _save_encoders(tmp_path, [r for r in records if r["split"] == "train"], "distilbert")
+    p = _params({"name_or_path": str(vis_dir), "finetune": "frozen"},
+                {"name_or_path": str(txt_dir), "finetune": "partial", "trainable_layers": 1})
+    p = p.model_copy(update={"epochs": 1, "batch_size": 16, "num_workers": 0, "cpus_per_worker": 1})
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        history = run_training(p, train_dir=tmp_path / "data", val_dir=tmp_path / "data", out_dir=tmp_path / "out",
+                               cache_dir=tmp_path / "cache")
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+    assert len(history) == 1
+    saved_tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    assert saved_tok.get_vocab() == load_tokenizer(txt_dir).get_vocab()
+    frozen = load_file(str(vis_dir / "model.safetensors"))
+    shutil.rmtree(vis_dir)
+    shutil.rmtree(txt_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = MultimodalModel.load(tmp_path / "out")
+    assert model.cfg.vision_finetune == "frozen" and model.cfg.text_finetune == "partial"
+    for k, v in model.vision.model.state_dict().items():  # the frozen encoder left training as it came
+        assert torch.equal(v, frozen[k]), k
