@@ -137,22 +137,24 @@ def test_generate_agrees_with_teacher_forced_logprobs_and_roundtrips(tiny_data, 
 # ----------------------------------------------------------------------------- every head on its own
 
 # Per head: the parameters its loss must move (the captioner reads only the image, so its encoder is the
-# vision one), its steps, learning rate and the share of its first loss the last must be below.
+# vision one), its steps, learning rate and the share of its first loss the mean of the last 5 must be below.
 # A freshly initialised text encoder gives nearly the same [CLS] state for every caption (std across
 # captions ~1e-3), so the contrastive loss sits at ln(B) for ~35 steps before the embeddings separate.
 # VSE++'s max-of-hinges triplet loss never leaves that collapsed point (every hinge equals the margin, loss
 # 2 x margin) and, from weakly separated features, is drawn back to it: Faghri et al. 2018 start from
 # pretrained encoders. So its test starts from a contrastive warm-up and trains on the triplet loss alone.
+# ITM too: its negatives are mined from the contrastive similarities (ALBEF), which mean nothing before
+# the embeddings separate.
 HEADS = {
-    "contrastive": (("vision.", "text.", "img_proj", "txt_proj", "logit_scale"), 50, 2e-3, 0.8),
+    "contrastive": (("vision.", "text.", "img_proj", "txt_proj", "logit_scale"), 80, 2e-3, 0.8),
     "triplet": (("vision.", "text.", "img_proj", "txt_proj"), 25, 5e-4, 0.92),
-    "itm": (("vision.", "text.", "fusion.", "itm_head."), 25, 2e-3, 0.8),
+    "itm": (("vision.", "text.", "fusion.", "itm_head."), 40, 2e-3, 0.8),
     "captioning": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
     "mlm": (("vision.", "text.", "mlm_head."), 25, 2e-3, 0.8),
     "vqa": (("vision.", "text.", "fusion.", "vqa_head."), 25, 2e-3, 0.8),
     "vqa_generative": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
 }
-WARM_UP = {"triplet": ("contrastive", 80)}
+WARM_UP = {"triplet": ("contrastive", 120), "itm": ("contrastive", 120)}
 
 
 @pytest.mark.parametrize("head", list(HEADS))
@@ -193,7 +195,8 @@ def test_each_head_alone_lowers_its_loss_and_trains_its_weights_and_the_encoders
     before = {n: q.detach().clone() for n, q in model.named_parameters()}
     groups, steps, lr, share = HEADS[head]
     losses = train(p.loss_weights, head, steps, lr)
-    assert losses[-1] < share * losses[0], losses[::5]
+    # the mean of the last 5 steps: ITM draws fresh negatives each step, so one step's loss is noisy
+    assert sum(losses[-5:]) / 5 < share * losses[0], losses
     for group in groups:
         changed = [n for n, q in model.named_parameters() if n.startswith(group) and not torch.equal(q, before[n])]
         assert changed, f"{head}: no parameter of {group} changed"

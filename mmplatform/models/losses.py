@@ -8,8 +8,8 @@ every worker are gathered *with* gradients, each worker scores its local rows ag
 (ALBEF, Li et al. 2021; BLIP): for each image a negative caption sampled in proportion to its
 similarity, and for each caption a negative image, so the fusion learns the hard cases.
 (:func:`sample_hard_negatives` samples ∝ softmax(sim) with the positive excluded, as ALBEF does; ALBEF
-feeds it ``sim / temperature``, and so does ``multitask_loss``: cosines times the clamped
-``logit_scale.exp()``, so the sampling is as peaked as the contrastive head.)
+feeds it ``sim / temperature``; ``multitask_loss`` feeds raw cosines, a milder sampling that a fusion trained
+from scratch can learn from, see the comment there.)
 
 ``triplet_loss``: VSE++ (Faghri et al. 2018) max-of-hinges ranking loss with the hardest in-batch
 negative for each anchor, both directions; ``hardest=False`` is the sum-of-hinges of VSE0.
