@@ -23,6 +23,23 @@ TINY = {
 }
 
 
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """The train loop sets process-wide torch state (threads, deterministic algorithms) and some tests run it
+    in-process (Ray Train's local mode, Tune trials); restore it so a test's numerics do not depend on
+    which tests ran before it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    state = torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_rng_state(state)
+
 def deep_update(base: dict, new: dict) -> dict:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
