@@ -183,6 +183,9 @@ class TrainParams(_Section):
                                                     "relation reversed or words shuffled) as an extra negative")
     triplet_margin: float = Field(0.2, gt=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="share of caption tokens MLM hides (BERT)")
+    pooling: Literal["cls", "mean"] = Field(
+        "mean", description="what the contrastive embeddings project: the first token ([CLS]) or the mean of "
+        "the tokens (text: over the attention mask; image: over the patch tokens); OpenCLIP's pool_type")
     fusion: Literal["concat", "gated", "cross_attention", "multimodal_transformer"] = Field(
         "cross_attention", description="how image and text meet for ITM (mmplatform/models/fusion.py)")
     vision: VisionParams = Field(default_factory=VisionParams)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,21 +25,27 @@ TINY = {
 
 
 
+# torch's thread count when the test session started: every test starts from it, whatever a test module did
+# at import (collection imports every module before the first test runs).
+_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
     """The train loop sets process-wide torch state (threads, deterministic algorithms) and some tests run it
-    in-process (Ray Train's local mode, Tune trials); restore it so a test's numerics do not depend on
-    which tests ran before it."""
+    in-process (Ray Train's local mode, Tune trials); each test starts from the session's starting state and
+    the RNG is restored after it, so a test's numerics do not depend on which tests ran before it."""
     import torch
 
-    threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     state = torch.get_rng_state()
+    torch.set_num_threads(_THREADS)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(_THREADS)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.set_rng_state(state)
+
 
 def deep_update(base: dict, new: dict) -> dict:
     for k, v in new.items():

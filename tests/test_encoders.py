@@ -23,7 +23,6 @@ from mmplatform.models.encoders import (
 )
 from mmplatform.models.tokenizer import train_tokenizer
 
-torch.set_num_threads(1)
 SIZE, HIDDEN = 32, 32
 
 

@@ -30,7 +30,6 @@ from mmplatform.models.losses import (
     triplet_loss,
 )
 
-torch.set_num_threads(1)
 S = 1 / math.sqrt(2)
 
 # ----------------------------------------------------------------------------- triplet loss (VSE++)

@@ -22,7 +22,6 @@ from mmplatform.train.batches import decode_images, tokenize_captions, tokenizer
 from mmplatform.train.objectives import make_tokenizer, model_config, multitask_loss, trim
 from mmplatform.train.recipe import build_optimizer, optimizer_step, run_training
 
-torch.set_num_threads(1)
 DATA_SIZE, ENC_SIZE = 48, 32  # the encoder's processor resizes the 48 px images to its own 32 px
 TINY = {"embed_dim": 16, "batch_size": 8, "lr": 3e-3, "warmup_steps": 0,
         "decoder": {"hidden_size": 16, "layers": 1, "heads": 2}, "loss_weights": {"vqa": 0.0}}

@@ -138,17 +138,19 @@ def test_generate_agrees_with_teacher_forced_logprobs_and_roundtrips(tiny_data, 
 
 # Per head: the parameters its loss must move (the captioner reads only the image, so its encoder is the
 # vision one), its steps, learning rate and the share of its first loss the mean of the last 5 must be below.
-# A freshly initialised text encoder gives nearly the same [CLS] state for every caption (std across
-# captions ~1e-3), so the contrastive loss sits at ln(B) for ~35 steps before the embeddings separate.
+# A freshly initialised text encoder gives nearly the same state at every position for every caption (std across
+# captions ~1e-3), so the contrastive loss sits at ln(B) for a few dozen steps before the embeddings separate.
 # VSE++'s max-of-hinges triplet loss never leaves that collapsed point (every hinge equals the margin, loss
 # 2 x margin) and, from weakly separated features, is drawn back to it: Faghri et al. 2018 start from
 # pretrained encoders. So its test starts from a contrastive warm-up and trains on the triplet loss alone.
-# ITM too: its negatives are mined from the contrastive similarities (ALBEF), which mean nothing before
-# the embeddings separate.
+# ITM too: its negatives are mined from the contrastive similarities (ALBEF), which mean nothing before the
+# embeddings separate (from scratch it stays at its prior, 0.6365, for 100 steps); and the fusion reads the
+# text [CLS], which the mean-pooled contrastive warm-up does not train, so ITM gets 100 steps.
+# Measured margins (mean of the last 5 / first, at 1 and 2 threads): triplet 0.73, ITM 0.70.
 HEADS = {
     "contrastive": (("vision.", "text.", "img_proj", "txt_proj", "logit_scale"), 80, 2e-3, 0.8),
-    "triplet": (("vision.", "text.", "img_proj", "txt_proj"), 25, 5e-4, 0.92),
-    "itm": (("vision.", "text.", "fusion.", "itm_head."), 40, 2e-3, 0.8),
+    "triplet": (("vision.", "text.", "img_proj", "txt_proj"), 25, 5e-4, 0.85),
+    "itm": (("vision.", "text.", "fusion.", "itm_head."), 100, 2e-3, 0.8),
     "captioning": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
     "mlm": (("vision.", "text.", "mlm_head."), 25, 2e-3, 0.8),
     "vqa": (("vision.", "text.", "fusion.", "vqa_head."), 25, 2e-3, 0.8),

@@ -136,7 +136,7 @@ def aro_metrics(model: MultimodalModel, tokenizer, records: list[dict], images: 
         for off in (0, n):  # true captions, then foils
             t_ids, t_mask = ids[off + sl.start:off + sl.stop], mask[off + sl.start:off + sl.stop]
             txt_tok = model.text_tokens(t_ids, t_mask)
-            scores_c.append((img * model.embed_text_tokens(txt_tok)).sum(-1))
+            scores_c.append((img * model.embed_text_tokens(txt_tok, t_mask)).sum(-1))
             scores_m.append(model.itm_logits(img_tok, txt_tok, t_mask).log_softmax(-1)[:, 1])
         contrastive.append(scores_c[0] > scores_c[1])
         itm.append(scores_m[0] > scores_m[1])

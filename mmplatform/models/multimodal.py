@@ -71,6 +71,9 @@ class ModelConfig:
     decoder_heads: int = 4
     embed_dim: int = 128
     fusion: str = "cross_attention"
+    # What the contrastive embeddings project: "cls" (token 0, as models saved before this option did) or
+    # "mean" (text: mean over the attention mask; image: mean over the tokens after token 0).
+    pooling: str = "cls"
     # Special tokens the captioner may never emit ([PAD], [CLS], [MASK], [UNK]); [SEP] ends a caption.
     banned_ids: list[int] = field(default_factory=list)
     # Optional heads (defaults = absent, so configs saved before they existed load unchanged).
@@ -211,11 +214,21 @@ class MultimodalModel(nn.Module):
     def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text.tokens(ids, mask)
 
+    # Mean pooling: a freshly initialised encoder's [CLS] output is nearly the same for every input (its
+    # attention starts uniform), so the contrastive loss sits at ln(B) until [CLS] learns to gather; the mean
+    # of the tokens differs from the first step (measured on the default model and data: the loss leaves the
+    # plateau ~50 steps earlier). OpenCLIP offers both (pool_type "tok" / "avg").
     def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.img_proj(tokens[:, 0]), dim=-1)
+        pooled = tokens[:, 1:].mean(1) if self.cfg.pooling == "mean" and tokens.shape[1] > 1 else tokens[:, 0]
+        return F.normalize(self.img_proj(pooled), dim=-1)
 
-    def embed_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.txt_proj(tokens[:, 0]), dim=-1)
+    def embed_text_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pooling == "mean":
+            m = mask[..., None].to(tokens.dtype)
+            pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = tokens[:, 0]
+        return F.normalize(self.txt_proj(pooled), dim=-1)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -223,7 +236,7 @@ class MultimodalModel(nn.Module):
 
     @torch.no_grad()
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.embed_text_tokens(self.text_tokens(ids, mask))
+        return self.embed_text_tokens(self.text_tokens(ids, mask), mask)
 
     def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.itm_head(self.fusion(img_tokens, txt_tokens, mask))

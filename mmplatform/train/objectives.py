@@ -64,7 +64,7 @@ def model_config(p: TrainParams, tokenizer, image_size: int, vqa_answers: Sequen
         text_hidden=p.text.hidden_size, text_layers=p.text.layers, text_heads=p.text.heads,
         max_length=p.text.max_length, decoder_hidden=p.decoder.hidden_size,
         decoder_layers=p.decoder.layers, decoder_heads=p.decoder.heads, embed_dim=p.embed_dim,
-        fusion=p.fusion,
+        fusion=p.fusion, pooling=p.pooling,
         banned_ids=sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id,
                            tokenizer.unk_token_id}),
         vqa_answers=list(vqa_answers) if p.loss_weights.vqa > 0 else [],
@@ -91,7 +91,7 @@ def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tens
     img_tok = model.image_tokens(images)
     txt_tok = model.text_tokens(ids, mask)
     img = model.embed_image_tokens(img_tok)
-    txt = model.embed_text_tokens(txt_tok)
+    txt = model.embed_text_tokens(txt_tok, mask)
     neg, has = foil_features(model, foils)
     losses = set_level_losses(model, img, txt, neg, has, weights, triplet_margin, cache)
     if weights.itm > 0:
@@ -189,7 +189,7 @@ def foil_features(model: MultimodalModel, foils: tuple | None) -> tuple[torch.Te
     if foils is None:
         return None, None
     f_ids, f_mask, has = foils
-    return model.embed_text_tokens(model.text_tokens(f_ids, f_mask)), has
+    return model.embed_text_tokens(model.text_tokens(f_ids, f_mask), f_mask), has
 
 
 @torch.no_grad()
@@ -197,7 +197,7 @@ def contrastive_features(model: MultimodalModel, images: torch.Tensor, ids: torc
                          foils: tuple | None = None) -> tuple:
     """Pass 1 of accumulation: ``(img, txt, foil, has)`` features as :func:`multitask_loss` computes them."""
     img = model.embed_image_tokens(model.image_tokens(images))
-    txt = model.embed_text_tokens(model.text_tokens(ids, mask))
+    txt = model.embed_text_tokens(model.text_tokens(ids, mask), mask)
     return (img, txt, *foil_features(model, foils))
 
 
