@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmplatform.data.quality import QualityThresholds
 from mmplatform.rl.scst_config import SCSTConfig
@@ -183,6 +183,12 @@ class TrainParams(_Section):
                                                     "relation reversed or words shuffled) as an extra negative")
     triplet_margin: float = Field(0.2, gt=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="share of caption tokens MLM hides (BERT)")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="stop when early_stopping_metric has not improved for this many epochs, and keep "
+        "the weights of its best epoch (the train stage records both in reports/train/summary.json); 0 = run "
+        "every epoch and keep the last")
+    early_stopping_metric: Literal["val_total", "val_captioning", "val_contrastive", "val_itm", "val_vqa"] = Field(
+        "val_total", description="the validation loss early stopping and best-epoch selection watch")
     pooling: Literal["cls", "mean"] = Field(
         "mean", description="what the contrastive embeddings project: the first token ([CLS]) or the mean of "
         "the tokens (text: over the attention mask; image: over the patch tokens); OpenCLIP's pool_type")
@@ -204,6 +210,14 @@ class TrainParams(_Section):
                                                               "every epoch end); a resumed run continues there")
     max_failures: int = Field(2, ge=0, description="worker-group failures Ray Train restarts from the last "
                                                    "checkpoint (FailureConfig) before the stage fails")
+
+    @model_validator(mode="after")
+    def _monitored_loss_exists(self) -> TrainParams:
+        name = self.early_stopping_metric.removeprefix("val_")
+        if name != "total" and getattr(self.loss_weights, name) == 0:
+            raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} watches a loss whose weight "
+                             f"loss_weights.{name} is 0 (no such val loss); use val_total or give it a weight")
+        return self
 
 
 # ----------------------------------------------------------------------------- tune

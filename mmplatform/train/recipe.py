@@ -365,6 +365,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net = wrap_ddp(MultitaskLoss(model, p), probe, device)  # DDP also broadcasts rank 0's weights
     opt, sched = build_optimizer(model, p, steps_per_epoch * p.epochs)
     start_epoch, start_step, history, step_log = 0, 0, [], []
+    best: dict[str, Any] = {"epoch": -1, "value": math.inf, "model": None}  # early stopping's best epoch
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -372,6 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         start_epoch, start_step = state["epoch"], state["step"]
         history, step_log = state["history"], state["steps"]
+        best = state.get("best", best)
         log.info("resumed from %s at epoch %d step %d", ckpt_dir / CKPT, start_epoch, start_step)
     run_id = config.get("mlflow_run_id") if rank == 0 else None
 
@@ -382,11 +384,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_checkpoint(ckpt_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                        "scheduler": sched.state_dict(), "rng": rngs, "epoch": epoch,
                                        "step": step, "history": history, "steps": step_log,
-                                       "world_size": world})
+                                       "best": best, "world_size": world})
         barrier(world)  # nobody runs ahead of a checkpoint that is still being written
 
     # ---------------------------------------------------------------- train
     for epoch in range(start_epoch, p.epochs):
+        if plateau_reached(history, best, p):  # a resumed run that had already stopped
+            break
         net.train()
         t0 = time.time()
         perm = torch.randperm(n_train, generator=generator(p.seed, epoch, 0, PERMUTATION))
@@ -419,6 +423,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                **validate(model, val, p, rank, world, device, autocast)}
         history.append(row)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        if row[p.early_stopping_metric] < best["value"]:
+            # every rank sees the same all-reduced val losses, so all agree on the best epoch and on stopping
+            best = {"epoch": epoch, "value": row[p.early_stopping_metric],
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, epoch)
         # ------------------------------------------------------------ save_checkpoint
         checkpoint(epoch + 1, 0)
@@ -426,9 +434,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # so Ray only gets the metrics.
         ray.train.report(dict(row))  # also a barrier across workers
 
+        if plateau_reached(history, best, p):
+            log.info("early stopping after epoch %d: %s has not improved for %d epochs since epoch %d (%.4f)",
+                     epoch, p.early_stopping_metric, p.early_stopping_patience, best["epoch"], best["value"])
+            break
+
+    if p.early_stopping_patience and best["model"] is not None:
+        model.load_state_dict(best["model"])  # the best epoch's weights, as Keras' restore_best_weights
     if rank == 0:
         model.save(config["out_dir"])
         tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
+
+
+def plateau_reached(history: list[dict], best: dict[str, Any], p: TrainParams) -> bool:
+    """Early stopping: the monitored val loss has not improved for ``early_stopping_patience`` epochs."""
+    return bool(p.early_stopping_patience and history
+                and history[-1]["epoch"] - best["epoch"] >= p.early_stopping_patience)
+
+
+def training_summary(history: list[dict], p: TrainParams) -> dict[str, Any]:
+    """What the train stage records about when training stopped: the best epoch of the monitored val loss,
+    the epochs run, and whether it stopped on a plateau (patience ran out) or at ``epochs``."""
+    if not history:
+        return {"epochs_run": 0}
+    values = [h[p.early_stopping_metric] for h in history]
+    best_epoch = history[int(np.argmin(values))]["epoch"]
+    last = history[-1]["epoch"]
+    return {"epochs_run": len(history), "max_epochs": p.epochs, "metric": p.early_stopping_metric,
+            "patience": p.early_stopping_patience, "best_epoch": best_epoch, "best_value": float(min(values)),
+            "last_value": float(values[-1]), "weights": "best" if p.early_stopping_patience else "last",
+            "plateau": bool(p.early_stopping_patience and last - best_epoch >= p.early_stopping_patience)}
 
 
 def epoch_means(step_log: list[dict], epoch: int) -> dict[str, float]:
