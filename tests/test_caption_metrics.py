@@ -284,3 +284,117 @@ def test_edge_cases_empty_reference_strings_and_tiny_cache() -> None:
     assert len(small._cache) == 7
     np.testing.assert_allclose(first, again, atol=1e-12)
     np.testing.assert_allclose(first, _pycoco(cands, refs)[1], atol=1e-6)
+
+
+def _naive_cider(cands: list[str], refs: list[list[str]], n: int, sigma: float = 6.0) -> np.ndarray:
+    """pycocoevalcap's CIDEr-D transcribed loop for loop, with n a parameter (pycocoevalcap's own ``Cider(n=...)``
+    still cooks 4-grams, so it cannot check other orders)."""
+    from collections import Counter
+
+    def grams(text: str) -> Counter:
+        w = tokenize(text)
+        return Counter(tuple(w[i : i + k]) for k in range(1, n + 1) for i in range(len(w) - k + 1))
+
+    crefs = [[grams(r) for r in rs] for rs in refs]
+    df: Counter = Counter()
+    for rs in crefs:
+        df.update({g for r in rs for g in r})
+    ref_len = math.log(float(len(cands)))
+
+    def vec(c: Counter, text: str) -> tuple[list[dict], list[float], int]:
+        v: list[dict] = [{} for _ in range(n)]
+        for g, tf in c.items():
+            v[len(g) - 1][g] = tf * (ref_len - math.log(max(1.0, df[g])))
+        # "length" = the number of bigrams counted (none when n == 1), as pycocoevalcap's counts2vec
+        length = max(len(tokenize(text)) - 1, 0) if n >= 2 else 0
+        return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], length
+
+    out = []
+    for cand, rs, crs in zip(cands, refs, crefs, strict=True):
+        vh, nh, lh = vec(grams(cand), cand)
+        score = np.zeros(n)
+        for r, cr in zip(rs, crs, strict=True):
+            vr, nr, lr = vec(cr, r)
+            for k in range(n):
+                val = sum(min(x, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, x in vh[k].items())
+                if nh[k] != 0 and nr[k] != 0:
+                    val /= nh[k] * nr[k]
+                score[k] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
+        out.append(score.mean() / len(rs) * 10.0)
+    return np.array(out)
+
+
+def test_shared_and_interleaved_reference_sets_match_pycocoevalcap() -> None:
+    # Sets used by several candidates, not next to each other, equal by value but distinct objects, and
+    # with repeat=k on top: the sort groups each set's candidates before its references whatever the order.
+    cands, pool = _random_set(seed=21, size=40)
+    order = [0, 1, 0, 2, 1, 1, 3, 0] * 5
+    refs = [list(pool[i]) for i in order]  # copies: dedup by value, not only by object
+    _, expected = _pycoco(cands, refs)
+    np.testing.assert_allclose(CiderD().score(cands, refs), expected, rtol=0, atol=1e-6)
+    k = 4
+    per_image = refs[:10]
+    _, expected = _pycoco(cands, [per_image[i // k] for i in range(len(cands))])
+    np.testing.assert_allclose(CiderD().score(cands, per_image, repeat=k), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
+def test_other_ngram_orders_match_the_transcribed_reference(n: int) -> None:
+    cands, refs = _random_set(seed=30 + n, size=80)
+    expected = _naive_cider(cands, refs, n)
+    if n == 4:  # the transcription is pycocoevalcap's algorithm
+        np.testing.assert_allclose(expected, _pycoco(cands, refs)[1], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(CiderD(n=n).score(cands, refs), expected, rtol=0, atol=1e-6)
+
+
+def test_rank_compressed_codes_give_the_same_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # n-gram codes are word ids packed side by side while they fit in the int64 sort key; past that
+    # (large vocabularies, high n) they are replaced by ranks.  Force that path with a tiny key budget.
+    cands, refs = _random_set(seed=3, size=120)
+    expected = CiderD().score(cands, refs)
+    fixed_expected = CiderD(df_corpus=refs[:60]).score(cands, refs)
+    monkeypatch.setattr(CiderD, "_KEY_BITS", 20)
+    np.testing.assert_allclose(CiderD().score(cands, refs), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(CiderD(df_corpus=refs[:60]).score(cands, refs), fixed_expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(expected, _pycoco(cands, refs)[1], rtol=0, atol=1e-6)
+
+
+def test_batched_tokenisation_equals_tokenize() -> None:
+    # The batched path (one split of the joined texts) is taken only where it equals tokenize():
+    # letters/digits and white space, any case.  Punctuation sends the batch through tokenize().
+    plain = ["A Dog  runs\tON the  GRASS", "", "  ", "caf\u00e9 n\u00b0 3 2024", "x"]
+    punct = plain + ["don't stop: a t-shirt, 3.5 m!"]
+    for texts in (plain, punct):
+        scorer = CiderD()
+        ids, lengths = scorer._encode(texts)
+        words = {i: w for w, i in scorer._words.items()}
+        got, start = [], 0
+        for n_tok in lengths.tolist():
+            got.append([words[i] for i in ids[start : start + n_tok].tolist()])
+            start += n_tok
+        assert got == [tokenize(t) for t in texts]
+    split = CiderD(tokenizer=str.split)
+    ids, lengths = split._encode(["A b  c", "D\te"])
+    assert lengths.tolist() == [3, 2] and len(split._words) == 5  # case kept: "A" and "D" are words
+
+
+def test_fixed_df_is_stable_across_calls_and_ignores_candidate_ngrams() -> None:
+    train_cands, train_refs = _random_set(seed=11, size=100)
+    cands, refs = _random_set(seed=12, size=50)
+    refs = [rs + ["zebra crossing near a zebra"] for rs in refs]  # n-grams the df corpus lacks
+    fresh = CiderD(df_corpus=train_refs).score(cands, refs)
+    scorer = CiderD(df_corpus=train_refs)
+    scorer.score(train_cands, train_refs)
+    first = scorer.score(cands, refs)
+    sizes = [t[0].size for t in scorer._tables]
+    # New candidate n-grams (RL samples) never enter the tables; cached references give the same numbers.
+    junk = [f"quux{i} blorf{i} zebra crossing" for i in range(len(cands))]
+    scorer.score(junk, refs)
+    assert [t[0].size for t in scorer._tables] == sizes
+    np.testing.assert_allclose(scorer.score(cands, refs), first, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(first, fresh, rtol=0, atol=1e-12)
+    # A candidate n-gram that only a reference (not the corpus) has still matches it, with df 0 -> idf
+    # ref_len: "zebra crossing" scores above an unrelated word pair.
+    hit = scorer.score(["zebra crossing"], [["zebra crossing near a zebra"]])
+    miss = scorer.score(["quux blorf"], [["zebra crossing near a zebra"]])
+    assert hit[0] > 0.0 and miss[0] == 0.0
