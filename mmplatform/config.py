@@ -173,13 +173,13 @@ class LossWeights(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(30, ge=1, description="the most epochs; early stopping usually ends sooner")
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
     embed_dim: int = Field(128, ge=8)
-    foil_negatives: bool = Field(False, description="NegCLIP: each caption's composition foil (attributes swapped, "
+    foil_negatives: bool = Field(True, description="NegCLIP: each caption's composition foil (attributes swapped, "
                                                     "relation reversed or words shuffled) as an extra negative")
     triplet_margin: float = Field(0.2, gt=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="share of caption tokens MLM hides (BERT)")
