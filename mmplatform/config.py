@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mmplatform.data.quality import QualityThresholds
+from mmplatform.rl.grpo_config import GRPOConfig
+from mmplatform.rl.ppo_config import PPOConfig
 from mmplatform.rl.scst_config import SCSTConfig
 
 
@@ -308,7 +319,22 @@ class TuneParams(_Section):
 
 
 # ----------------------------------------------------------------------------- evaluate / register
-# rl_finetune: SCSTConfig lives beside its trainer (mmplatform/rl/scst_config.py), as TRL does.
+# rl_finetune: each algorithm's config lives beside its trainer (mmplatform/rl/<algo>_config.py), as TRL does;
+# the section is the one its ``algorithm`` key names (scst when absent), and only that one's keys are allowed.
+RL_ALGORITHMS = {"scst": SCSTConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+
+
+def _rl_algorithm(v: Any) -> str:
+    return (v.get("algorithm", "scst") if isinstance(v, dict) else getattr(v, "algorithm", None)) or "scst"
+
+
+RLConfig = Annotated[
+    Annotated[SCSTConfig, Tag("scst")] | Annotated[PPOConfig, Tag("ppo")] | Annotated[GRPOConfig, Tag("grpo")],
+    Discriminator(_rl_algorithm, custom_error_type="rl_algorithm",
+                  custom_error_message=f"unknown algorithm (known: {', '.join(RL_ALGORITHMS)})"),
+]
+
+
 class EvaluateParams(_Section):
     split: str = "test"
     batch_size: int = Field(256, ge=1)
@@ -336,7 +362,7 @@ class Params(_Section):
     augment: AugmentParams = Field(default_factory=AugmentParams)
     train: TrainParams = Field(default_factory=TrainParams)
     tune: TuneParams = Field(default_factory=TuneParams)
-    rl_finetune: SCSTConfig = Field(default_factory=SCSTConfig)
+    rl_finetune: RLConfig = Field(default_factory=SCSTConfig)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     # "register" would shadow BaseModel.register; the YAML key stays "register".
     register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
@@ -344,8 +370,13 @@ class Params(_Section):
 
 def _one_line(err: ValidationError, where: str) -> str:
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"])
-    reason = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    loc = list(e["loc"])
+    algo = ""
+    if len(loc) >= 2 and loc[0] == "rl_finetune" and loc[1] in RL_ALGORITHMS:
+        # The union's tag is not a key of the file: "rl_finetune.baseline", said for which algorithm.
+        algo = f" (algorithm {loc.pop(1)})"
+    key = ".".join(str(p) for p in loc)
+    reason = ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) + algo
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {key}: {reason}{more}"
 

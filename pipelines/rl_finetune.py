@@ -1,4 +1,8 @@
-"""Stage rl_finetune: SCST on the captioner of ``models/base`` → ``models/rl``."""
+"""Stage rl_finetune: RL fine-tuning of the captioner of ``models/base`` → ``models/rl``.
+
+The algorithm is ``rl_finetune.algorithm`` in params.yaml: ``scst`` (mmplatform/rl/scst_trainer.py), ``ppo``
+(ppo_trainer.py) or ``grpo`` (grpo_trainer.py); the rest of the section is that algorithm's config.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,37 @@ import sys
 from mmplatform import tracking
 from mmplatform.config import Params
 from mmplatform.reports import write_history
-from mmplatform.rl.scst_trainer import run_scst
+from mmplatform.rl.rollout import read_summary
 from pipelines._common import run_stage
 
 
+def runner(algorithm: str):
+    """``run_<algorithm>`` (imported on demand: a stage imports only the trainer it runs)."""
+    if algorithm == "ppo":
+        from mmplatform.rl.ppo_trainer import run_ppo
+
+        return run_ppo
+    if algorithm == "grpo":
+        from mmplatform.rl.grpo_trainer import run_grpo
+
+        return run_grpo
+    from mmplatform.rl.scst_trainer import run_scst
+
+    return run_scst
+
+
 def body(p: Params) -> None:
-    with tracking.stage_run("rl_finetune", p.rl_finetune.model_dump()) as run:
-        history = run_scst(p.rl_finetune, base_dir="models/base", data_dir="data/processed/clean",
-                           out_dir="models/rl", cache_dir=".cache/mmp", mlflow_run_id=run.info.run_id)
+    cfg = p.rl_finetune
+    with tracking.stage_run("rl_finetune", cfg.model_dump()) as run:
+        history = runner(cfg.algorithm)(cfg, base_dir="models/base", data_dir="data/processed/clean",
+                                        out_dir="models/rl", cache_dir=".cache/mmp", mlflow_run_id=run.info.run_id)
         write_history(history, "reports/rl/history.csv")
         selected = next(h for h in history if h["selected"])
+        summary = read_summary("models/rl")
         tracking.log_stats({"heldout_reward_start": history[0]["heldout_reward"],
-                            "heldout_reward_selected": selected["heldout_reward"], "selected_step": selected["step"]})
+                            "heldout_reward_selected": selected["heldout_reward"], "selected_step": selected["step"],
+                            **{k: int(v) if isinstance(v, bool) else v for k, v in summary.items()
+                               if k not in ("heldout_reward_start", "selected_step")}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,13 @@
-"""SCST on a tiny task: the reward of the policy rises, and the telemetry is complete."""
+"""SCST, PPO and GRPO on tiny tasks: the reward of the policy rises, the telemetry is complete, the vision
+encoder stays frozen; the rl_finetune section parses to the algorithm it names and the stage dispatches."""
 
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
+import pytest
 import torch
 
 from mmplatform.config import TrainParams
@@ -12,6 +16,9 @@ from mmplatform.models.captioning import greedy_captions
 from mmplatform.models.losses import caption_loss
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
+from mmplatform.rl import grpo_trainer, ppo_trainer
+from mmplatform.rl.grpo_config import GRPOConfig
+from mmplatform.rl.ppo_config import PPOConfig
 from mmplatform.rl.rewards import build_rewards
 from mmplatform.rl.scst_config import SCSTConfig
 from mmplatform.rl.scst_trainer import scst_update, trainable_parameters
@@ -66,3 +73,200 @@ def test_scst_raises_reward_on_tiny_task():
     assert rows[-1]["rl/kl_to_reference"] > 0  # the policy moved away from the reference
     # The vision encoder is frozen: RL only moves the captioner.
     assert torch.equal(model.vision.model.embeddings.patch_embeddings.projection.weight, frozen_before)
+
+
+# ------------------------------------------------------------------------------------------------ PPO and GRPO
+# Their tiny task: single-shape scenes, whose captions ("a small red circle at the top left") fit in the
+# episode, so the reward measures what the policy says rather than where it was cut off.
+
+@pytest.fixture(scope="module")
+def single_shape_task():
+    torch.manual_seed(0)
+    recs = generate_synthetic(n_train=16, n_val=8, n_test=1, n_test_compositional=1, max_objects=1)
+    train = [r for r in recs if r["split"] == "train"]
+    refs = [r["captions"] for r in train]
+    tok = train_tokenizer([c for r in refs for c in r], 128)
+    model = MultimodalModel(model_config(TrainParams.model_validate(TINY), tok, 64))
+    images = decode_images(train, 64)
+    _cross_entropy_warmup(model, tok, train, images)
+    return {"records": recs, "refs": refs, "tok": tok, "model": model, "images": images}
+
+
+def _run_algorithm(task, make_updater, cfg, steps: int):
+    """``steps`` updates on the tiny task; (greedy reward before, best greedy reward of the evaluations every
+    10 steps, telemetry rows, model, vision weight before)."""
+    model = copy.deepcopy(task["model"])
+    reference = copy.deepcopy(model).eval()
+    params = trainable_parameters(model)
+    frozen_before = model.vision.model.embeddings.patch_embeddings.projection.weight.clone()
+    images, refs, tok = task["images"], task["refs"], task["tok"]
+    reward_fn = build_rewards({"cider_d": 1.0}, refs)
+    update = make_updater(model=model, reference=reference, params=params, tokenizer=tok, reward_fn=reward_fn,
+                          cfg=cfg, gen=torch.Generator().manual_seed(0))
+
+    def greedy_reward() -> float:
+        caps = greedy_captions(model, tok, images, cfg.max_length)
+        return float(reward_fn(caps, refs, images=images)["total"].mean())
+
+    start, evals, rows = greedy_reward(), [], []
+    for step in range(1, steps + 1):
+        rows.append(update(images, refs))
+        if step % 10 == 0:
+            evals.append(greedy_reward())
+    return start, evals, rows, model, frozen_before
+
+
+COMMON_KEYS = ("rl/reward_mean", "rl/reward_std", "rl/reward_cider_d_mean", "rl/reward_cider_d_std",
+               "rl/episode_length_mean", "rl/episode_length_min", "rl/episode_length_max", "rl/truncation_rate",
+               "rl/kl_to_reference", "rl/entropy")
+
+
+def _check_run(start, evals, rows, model, frozen_before, keys):
+    early = np.mean([r["rl/reward_mean"] for r in rows[:10]])
+    late = np.mean([r["rl/reward_mean"] for r in rows[-10:]])
+    # The sampled episodes' reward (what the algorithm maximises) rises, and so does the greedy caption's: the
+    # best evaluation (what the stage's best-policy selection keeps) by > 15%, the last one above the start.
+    assert late > early, (early, late)
+    assert max(evals) > 1.15 * start, (start, evals)
+    assert evals[-1] > start, (start, evals)
+    for key in COMMON_KEYS + keys:
+        assert key in rows[-1], key
+        assert all(np.isfinite(r[key]) for r in rows), key
+    kl = [r["rl/kl_to_reference"] for r in rows]
+    assert 0 < kl[-1] < 0.5, kl[-10:]  # moved away from the reference, but not far (under the default kl_bound)
+    assert torch.equal(model.vision.model.embeddings.patch_embeddings.projection.weight, frozen_before)
+
+
+def test_grpo_raises_reward_on_tiny_task(single_shape_task):
+    cfg = GRPOConfig(batch_size=16, max_length=12, samples_per_image=4, lr=3e-4)
+    start, evals, rows, model, frozen = _run_algorithm(single_shape_task, grpo_trainer._make_updater, cfg, 80)
+    _check_run(start, evals, rows, model, frozen,
+               ("rl/zero_variance_groups", "rl/clip_fraction", "rl/approx_kl", "rl/kl_penalty"))
+    assert all(0 <= r["rl/zero_variance_groups"] <= 1 and 0 <= r["rl/clip_fraction"] <= 1 for r in rows)
+    assert all(r["rl/approx_kl"] >= 0 for r in rows) and any(r["rl/approx_kl"] > 0 for r in rows)
+
+
+def test_ppo_raises_reward_on_tiny_task(single_shape_task):
+    cfg = PPOConfig(batch_size=16, max_length=12, samples_per_image=4, lr=1e-4)
+    start, evals, rows, model, frozen = _run_algorithm(single_shape_task, ppo_trainer._make_updater, cfg, 60)
+    _check_run(start, evals, rows, model, frozen,
+               ("rl/value_loss", "rl/explained_variance", "rl/clip_fraction", "rl/approx_kl", "rl/kl_coef"))
+    # The value head learns the return: its loss falls and it explains part of the return's variance.
+    assert np.mean([r["rl/value_loss"] for r in rows[-10:]]) < np.mean([r["rl/value_loss"] for r in rows[:5]])
+    # Adaptive KL: β moves towards the target (here the KL is under kl_target, so β falls).
+    assert rows[-1]["rl/kl_coef"] != rows[0]["rl/kl_coef"]
+
+
+def test_group_advantages_known_values():
+    # Two groups of k=3: one with spread, one where every sample scored the same (no signal, advantage 0).
+    adv, zero = grpo_trainer.group_advantages(np.array([1.0, 2.0, 3.0, 0.5, 0.5, 0.5]), 3, 1e-4)
+    np.testing.assert_allclose(adv[:3], np.array([-1.0, 0.0, 1.0]) / (1.0 + 1e-4))  # unbiased std of 1,2,3 = 1
+    np.testing.assert_allclose(adv[3:], 0.0)
+    assert zero == 0.5
+
+
+def test_gae_and_kl_controller_known_values():
+    # One episode of 3 tokens then padding; reward 1 at its last token; V = 0.5 everywhere.
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.full((1, 4), 0.5)
+    valid = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = ppo_trainer.gae(rewards, values, valid, gamma=1.0, lam=1.0)
+    # λ = γ = 1: the advantage is the Monte-Carlo return (1) minus V, the return is 1 at every token.
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(ret[:, :3], torch.ones(1, 3))
+    adv0, _ = ppo_trainer.gae(rewards, values, valid, gamma=1.0, lam=0.0)  # λ = 0: one-step TD errors
+    torch.testing.assert_close(adv0, torch.tensor([[0.0, 0.0, 0.5, 0.0]]))
+    # Ziegler et al. 2019: β grows when the KL is above target, shrinks below it, by at most 20% × n/horizon.
+    ctl = ppo_trainer.AdaptiveKLController(0.1, target=0.1, horizon=100)
+    ctl.update(1.0, 10)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(0.0, 10)
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+    fixed = ppo_trainer.AdaptiveKLController(0.1, target=0.1, horizon=100, adaptive=False)
+    fixed.update(1.0, 10)
+    assert fixed.value == 0.1
+
+
+def test_rl_section_parses_to_the_algorithm_it_names():
+    from mmplatform.config import ConfigError, Params, validate
+    from mmplatform.rl.scst_config import SCSTConfig
+
+    assert isinstance(Params().rl_finetune, SCSTConfig)  # the default stays SCST
+    assert isinstance(validate({"rl_finetune": {"steps": 3}}).rl_finetune, SCSTConfig)  # no algorithm: scst
+    p = validate({"rl_finetune": {"algorithm": "grpo", "kl_coef": 0.0, "epochs_per_batch": 3}})
+    assert isinstance(p.rl_finetune, GRPOConfig) and p.rl_finetune.epochs_per_batch == 3
+    assert isinstance(validate({"rl_finetune": {"algorithm": "ppo"}}).rl_finetune, PPOConfig)
+    # Keys of another algorithm are unknown keys, named with the algorithm they were read for.
+    with pytest.raises(ConfigError) as info:
+        validate({"rl_finetune": {"algorithm": "grpo", "baseline": "loo"}})
+    assert str(info.value) == "params.yaml: rl_finetune.baseline: unknown key (algorithm grpo)"
+    with pytest.raises(ConfigError, match="rl_finetune.no_such_key: unknown key"):
+        validate({"rl_finetune": {"algorithm": "ppo", "no_such_key": 1}})
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        validate({"rl_finetune": {"algorithm": "dqn"}})
+    # The defaults stay under their own KL bound: PPO's controller aims below it.
+    assert PPOConfig().kl_target < PPOConfig().kl_bound
+    with pytest.raises(ValueError, match="kl_bound"):
+        PPOConfig(kl_target=1.0, kl_bound=0.5)
+
+
+def _stage_workspace(path, task, rl: dict):
+    """models/base, data/processed/clean and params.yaml for the rl_finetune stage, from the tiny task."""
+    import yaml
+
+    from mmplatform.data.dataset import write_dataset
+
+    task["model"].save(path / "models/base")
+    task["tok"].save_pretrained(str(path / "models/base/tokenizer"))
+    write_dataset(path / "data/processed/clean", task["records"], stage="clean")
+    (path / "params.yaml").write_text(yaml.safe_dump({"rl_finetune": rl}))
+
+
+def _run_stage(tmp_path, monkeypatch, task, rl: dict):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.rl_finetune import main
+
+    _stage_workspace(tmp_path, task, rl)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main([]) == 0
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("mmplatform").experiment_id])
+    return run, json.loads((tmp_path / "models/rl/rl_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_rl_finetune_stage_runs_ppo_in_ray_local_mode(tmp_path, monkeypatch, single_shape_task):
+    """The stage dispatches on algorithm; Ray Train's local mode runs the worker loop in this process."""
+    run, summary = _run_stage(tmp_path, monkeypatch, single_shape_task, {
+        "algorithm": "ppo", "steps": 4, "batch_size": 4, "samples_per_image": 2, "max_length": 12, "lr": 1e-4,
+        "log_every": 2, "heldout_images": 8, "num_workers": 0, "cpus_per_worker": 1})
+    assert summary["algorithm"] == "ppo" and summary["kl_bound"] == 0.5 and "within_kl_bound" in summary
+    assert (tmp_path / "models/rl/model.safetensors").is_file()
+    assert (tmp_path / "reports/rl/history.csv").is_file()
+    logged = run.data.metrics
+    for key in ("rl/value_loss", "rl/explained_variance", "rl/kl_coef", "rl/episodes_per_s", "rl/heldout_reward",
+                "rl/heldout_reward_cider_d", "within_kl_bound", "heldout_reward_selected"):
+        assert key in logged, key
+
+
+@pytest.mark.slow
+def test_rl_finetune_stage_runs_grpo_on_two_ray_workers(tmp_path, monkeypatch, single_shape_task):
+    """GRPO through Ray Train with two data-parallel workers (gradients all-reduced), as the stage runs it."""
+    run, summary = _run_stage(tmp_path, monkeypatch, single_shape_task, {
+        "algorithm": "grpo", "steps": 3, "batch_size": 4, "samples_per_image": 2, "max_length": 12,
+        "log_every": 3, "heldout_images": 8, "num_workers": 2, "cpus_per_worker": 1})
+    assert summary["algorithm"] == "grpo" and summary["workers"] == 2
+    for key in ("rl/zero_variance_groups", "rl/clip_fraction", "rl/approx_kl", "rl/kl_penalty",
+                "rl/episodes_per_s", "rl/heldout_reward"):
+        assert key in run.data.metrics, key
+
+
+def test_rl_finetune_stage_picks_the_trainer_of_its_algorithm():
+    from pipelines.rl_finetune import runner
+
+    assert runner("scst").__name__ == "run_scst"
+    assert runner("ppo").__name__ == "run_ppo"
+    assert runner("grpo").__name__ == "run_grpo"

@@ -5,18 +5,18 @@ of the same image (the "self-critical" baseline: no value network, and only samp
 test-time policy are reinforced). The vision encoder and the contrastive parts stay frozen, so
 retrieval is untouched; the decoder and its memory projection learn.
 
-Logged per step: reward mean/std (total and per reward), episode length in tokens, KL to the starting
-policy (sample estimate of E[log π − log π_ref]), token entropy, and a held-out reward (greedy
-captions of val images) beside the training reward, so reward hacking shows as the two diverging.
+Logged per step (:func:`mmplatform.rl.rollout.episode_telemetry`): reward mean/std (total and per reward),
+episode length, truncation rate, KL to the starting policy (sample estimate of E[log π − log π_ref] at the
+sampling temperature), token entropy, and a held-out reward (greedy captions of val images) beside the
+training reward, so reward hacking shows as the two diverging. Episodes, telemetry, the Ray worker loop and
+best-policy selection are shared with PPO and GRPO in :mod:`mmplatform.rl.rollout`.
 
 Stage command: ``dvc repro rl_finetune`` (= ``python -m pipelines.rl_finetune``).
 """
 
 from __future__ import annotations
 
-import copy
-import logging
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +24,20 @@ import numpy as np
 import torch
 
 from mmplatform.compute import average_gradients
-from mmplatform.models.captioning import decode_text, greedy_captions
+from mmplatform.models.captioning import decode_text
 from mmplatform.models.multimodal import MultimodalModel
-from mmplatform.models.tokenizer import load_tokenizer
-from mmplatform.rl.rewards import build_rewards
+from mmplatform.rl.rollout import (
+    at_temperature,
+    episode_telemetry,
+    policy_pass,
+    run_rl,
+    sample_episodes,
+    trainable_parameters,
+    worker_loop,
+)
 from mmplatform.rl.scst_config import SCSTConfig
-from mmplatform.train.batches import decode_images
 
-log = logging.getLogger(__name__)
-
-
-def trainable_parameters(model: MultimodalModel) -> list[torch.nn.Parameter]:
-    for q in model.parameters():
-        q.requires_grad_(False)
-    params = list(model.decoder.parameters()) + list(model.memory_proj.parameters())
-    for q in params:
-        q.requires_grad_(True)
-    return params
+__all__ = ["run_scst", "scst_loop_per_worker", "scst_update", "trainable_parameters"]
 
 
 def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.optim.Optimizer,
@@ -48,27 +45,25 @@ def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
                 reward_fn, tokenizer, cfg: SCSTConfig, gen: torch.Generator) -> dict[str, float]:
     """One SCST policy update on a batch of images; returns the step's telemetry."""
     k = cfg.samples_per_image
-    with torch.no_grad():
-        img_tok = model.image_tokens(images)  # frozen encoder: no graph needed
-        greedy_tok, _ = model.generate(model.memory(img_tok), cfg.max_length, greedy=True)
-        mem_k = model.memory(img_tok).repeat_interleave(k, 0)
-        sample_tok, _ = model.generate(mem_k, cfg.max_length, greedy=False, temperature=cfg.temperature,
-                                       generator=gen)
-    greedy_r = reward_fn(decode_text(tokenizer, greedy_tok), batch_refs)
-    sample_r = reward_fn(decode_text(tokenizer, sample_tok), [r for r in batch_refs for _ in range(k)])
-    rewards = sample_r["total"].reshape(-1, k)
+    ep = sample_episodes(model, images, batch_refs, reward_fn, tokenizer, k=k, max_length=cfg.max_length,
+                         temperature=cfg.temperature, gen=gen)
+    rewards = ep.rewards["total"].reshape(-1, k)
+    greedy_r = None
     if cfg.baseline == "loo":
         # Leave-one-out: each sample is judged against the mean of the image's other k-1 samples
         # (Luo 2020, "A Better Variant of Self-Critical Sequence Training"); advantages sum to zero per image.
         baseline = (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
     else:
+        with torch.no_grad():
+            greedy_tok, _ = model.generate(model.memory(ep.img_tok), cfg.max_length, greedy=True)
+        # images= lets image-conditioned rewards (clip_score) score the captions; the others ignore it.
+        greedy_r = reward_fn(decode_text(tokenizer, greedy_tok), batch_refs, images=images)
         baseline = np.repeat(greedy_r["total"][:, None], k, 1)  # Rennie et al. 2017: the greedy caption
     adv = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32)
 
-    memory = model.memory(img_tok).repeat_interleave(k, 0)
-    tok_logp, full_logp, valid = model.sequence_logprobs(memory, sample_tok)
-    # REINFORCE with the greedy caption's reward as baseline, averaged over the tokens of the batch.
-    loss = -(adv[:, None] * tok_logp).sum() / valid.sum().clamp(min=1)
+    tp = policy_pass(model, ep.memory(model), ep.tokens)  # temperature 1: the policy's own log-probs
+    # REINFORCE with the baseline, averaged over the tokens of the batch.
+    loss = -(adv[:, None] * tp.logp).sum() / tp.valid.sum().clamp(min=1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(params)
@@ -76,110 +71,32 @@ def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
     opt.step()
 
     with torch.no_grad():
-        ref_logp, _, _ = reference.sequence_logprobs(reference.memory(img_tok).repeat_interleave(k, 0), sample_tok)
-        n_tok = valid.sum().clamp(min=1)
-        lengths = valid.sum(1)
-        row = {
-            "rl/reward_mean": float(sample_r["total"].mean()), "rl/reward_std": float(sample_r["total"].std()),
-            "rl/greedy_reward_mean": float(greedy_r["total"].mean()), "rl/advantage_mean": float(adv.mean()),
-            "rl/loss": float(loss),
-            "rl/episode_length_mean": float(lengths.mean()), "rl/episode_length_min": float(lengths.min()),
-            "rl/episode_length_max": float(lengths.max()),
-            "rl/truncation_rate": float((~(sample_tok == model.cfg.eos_id).any(1)).float().mean()),
-            # Sample estimate of KL(π || π_ref) per token: E_π[log π − log π_ref].
-            "rl/kl_to_reference": float(((tok_logp.detach() - ref_logp) * valid).sum() / n_tok),
-            "rl/entropy": float((torch.special.entr(full_logp.exp()).sum(-1) * valid).sum() / n_tok),
-        }
-    for name, vals in sample_r.items():
-        if name != "total":
-            row[f"rl/reward_{name}_mean"] = float(vals.mean())
+        # Telemetry at the sampling temperature, the distribution the episodes came from (as PPO and GRPO).
+        ref = policy_pass(reference, ep.memory(reference), ep.tokens, cfg.temperature)
+        row = episode_telemetry(ep, at_temperature(tp, ep.tokens, cfg.temperature), ref.logp, model.cfg.eos_id)
+    row["rl/advantage_mean"] = float(adv.mean())
+    row["rl/loss"] = float(loss)
+    if greedy_r is not None:
+        row["rl/greedy_reward_mean"] = float(greedy_r["total"].mean())
     return row
+
+
+def _make_updater(*, model, reference, params, tokenizer, reward_fn, cfg: SCSTConfig, gen):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    return partial(_update, model, reference, opt, params, reward_fn=reward_fn, tokenizer=tokenizer, cfg=cfg, gen=gen)
+
+
+def _update(model, reference, opt, params, images, refs, *, reward_fn, tokenizer, cfg, gen):
+    return scst_update(model, reference, opt, params, images, refs, reward_fn, tokenizer, cfg, gen)
 
 
 def scst_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
-    import ray.train
-
-    from mmplatform import tracking
-    from mmplatform.data.dataset import read_dataset
-
-    cfg = SCSTConfig.model_validate(config["params"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.cpus_per_worker)
-    torch.manual_seed(cfg.seed)
-
-    # ---------------------------------------------------------------- setup
-    model = MultimodalModel.load(config["base_dir"])
-    tokenizer = load_tokenizer(Path(config["base_dir"]) / "tokenizer")
-    reference = copy.deepcopy(model).eval()  # π_ref for the KL telemetry
-    for q in reference.parameters():
-        q.requires_grad_(False)
-    params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    train_recs = read_dataset(config["data_dir"], split="train")
-    val_recs = read_dataset(config["data_dir"], split="val")[: cfg.heldout_images]
-    size = model.cfg.image_size
-    images = decode_images(train_recs, size)
-    refs = [r["captions"] for r in train_recs]
-    val_images = decode_images(val_recs, size)
-    val_refs = [r["captions"] for r in val_recs]
-    reward_fn = build_rewards(cfg.reward, refs)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    run_id = config.get("mlflow_run_id") if rank == 0 else None
-    k = cfg.samples_per_image
-
-    def heldout_reward() -> float:
-        model.eval()
-        caps = greedy_captions(model, tokenizer, val_images, cfg.max_length)
-        return float(reward_fn(caps, val_refs)["total"].mean())
-
-    start = heldout_reward()
-    history = [{"step": 0, "heldout_reward": start}]
-    # Model selection on the held-out (val) reward: keep the best policy seen, as one keeps the best
-    # validation checkpoint in supervised training; RL rewards are noisy from one evaluation to the next.
-    best = {"step": 0, "reward": start, "state": copy.deepcopy(model.state_dict())}
-    tracking.log_metrics(run_id, {"rl/heldout_reward": start}, 0)
-    # ---------------------------------------------------------------- train
-    for step in range(1, cfg.steps + 1):
-        t0 = time.time()
-        idx = torch.randint(0, len(train_recs), (cfg.batch_size,), generator=gen)
-        row = scst_update(model, reference, opt, params, images[idx], [refs[i] for i in idx.tolist()],
-                          reward_fn, tokenizer, cfg, gen)
-        row["rl/episodes_per_s"] = cfg.batch_size * k / (time.time() - t0)
-        kl, entropy = row["rl/kl_to_reference"], row["rl/entropy"]
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            row["rl/heldout_reward"] = heldout_reward()
-            history.append({"step": step, "heldout_reward": row["rl/heldout_reward"],
-                            "reward_mean": row["rl/reward_mean"], "kl": kl, "entropy": entropy})
-            if row["rl/heldout_reward"] > best["reward"]:
-                best = {"step": step, "reward": row["rl/heldout_reward"], "state": copy.deepcopy(model.state_dict())}
-            log.info("step %d: %s", step, {k2: round(v, 4) for k2, v in row.items()})
-        tracking.log_metrics(run_id, row, step)
-    model.load_state_dict(best["state"])
-    for row in history:
-        row["selected"] = int(row["step"] == best["step"])
-    log.info("selected the policy of step %d (held-out reward %.4f, start %.4f)", best["step"], best["reward"], start)
-    ray.train.report({"heldout_reward_start": start, "heldout_reward_best": best["reward"], "best_step": best["step"]})
-    if rank == 0:
-        model.save(config["out_dir"])
-        tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
-        import json
-
-        (Path(config["out_dir"]) / "rl_history.json").write_text(json.dumps(history, indent=2))
+    worker_loop(config, SCSTConfig, _make_updater)
 
 
 def run_scst(cfg: SCSTConfig, *, base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
              cache_dir: str | Path, mlflow_run_id: str | None = None) -> list[dict]:
     """Driver side: run SCST on Ray Train workers; returns the held-out history."""
-    import json
-
-    from mmplatform.compute import run_workers
-
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    config = {"params": cfg.model_dump(), "base_dir": str(Path(base_dir).resolve()),
-              "data_dir": str(Path(data_dir).resolve()), "out_dir": str(Path(out_dir).resolve()),
-              "mlflow_run_id": mlflow_run_id}
-    run_workers(scst_loop_per_worker, config, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-                storage_path=Path(cache_dir) / "ray", name="rl_finetune")
-    return json.loads((Path(out_dir) / "rl_history.json").read_text())
+    return run_rl(scst_loop_per_worker, cfg, base_dir=base_dir, data_dir=data_dir, out_dir=out_dir,
+                  cache_dir=cache_dir, mlflow_run_id=mlflow_run_id)
