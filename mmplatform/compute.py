@@ -7,6 +7,7 @@ waits for CPUs that do not exist.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -53,15 +54,27 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
     if num_workers > 0:
         init_ray(max(os.cpu_count() or 1, num_workers * cpus_per_worker))
     use_gpu = torch.cuda.is_available()
+    # Ray's worker processes inherit the environment of the cluster's start, not the driver's now: a process
+    # that runs several stages (tests, notebooks) may have changed the MLflow store since. The workers take
+    # the driver's values at each call.
+    driver_env = {k: os.environ[k] for k in _DRIVER_ENV if k in os.environ}
     trainer = TorchTrainer(
-        fn,
-        train_loop_config=config,
+        functools.partial(_with_driver_env, fn),
+        train_loop_config={**config, "_driver_env": driver_env},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu and num_workers > 0,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()
+
+
+_DRIVER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MMP_WORKSPACE")
+
+
+def _with_driver_env(fn: Callable[[dict], Any], config: dict) -> Any:
+    os.environ.update(config.get("_driver_env", {}))
+    return fn(config)
 
 
 def average_gradients(params) -> None:
