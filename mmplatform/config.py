@@ -8,6 +8,7 @@ scalars and validated the same way.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,8 @@ from mmplatform.rl.grpo_config import GRPOConfig
 from mmplatform.rl.ppo_config import PPOConfig
 from mmplatform.rl.scst_config import SCSTConfig
 
+logger = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A bad params file or override; ``str()`` is one line naming the key and the reason."""
@@ -43,7 +46,7 @@ class SyntheticParams(_Section):
     n_train: int = Field(8000, ge=1)
     n_val: int = Field(500, ge=1)
     n_test: int = Field(1000, ge=1)
-    n_test_compositional: int = Field(500, ge=0)
+    n_test_compositional: int = Field(1000, ge=0)
     image_size: int = Field(64, ge=32, le=512)
     captions_per_image: int = Field(5, ge=1, le=10)
 
@@ -403,9 +406,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each override set; unknown keys are caught by validation."""
-    import copy
-
     out = copy.deepcopy(raw)
+    given: set[tuple[str, ...]] = set()
     for ov in overrides:
         parts, value = parse_override(ov)
         node = out
@@ -415,7 +417,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"{'.'.join(parts)}: {p} is not a section")
             node = nxt
         node[parts[-1]] = value
+        given.add(tuple(parts))
+    _switch_rl_algorithm(raw, out, given)
     return out
+
+
+def _switch_rl_algorithm(raw: dict[str, Any], out: dict[str, Any], given: set[tuple[str, ...]]) -> None:
+    """``-S rl_finetune.algorithm=grpo`` on a file written for SCST: the file's keys that only SCST has
+    (``baseline``) would stop the run as unknown keys, so they are dropped, with a log line that names them.
+    Keys the overrides set themselves are kept, so a wrong one is still reported."""
+    before, after = raw.get("rl_finetune"), out.get("rl_finetune")
+    if not isinstance(before, dict) or not isinstance(after, dict) or ("rl_finetune", "algorithm") not in given:
+        return
+    cls = RL_ALGORITHMS.get(_rl_algorithm(after))
+    if cls is None or _rl_algorithm(before) == _rl_algorithm(after):
+        return
+    dropped = [k for k in list(after) if k not in cls.model_fields and ("rl_finetune", k) not in given]
+    for k in dropped:
+        del after[k]
+    if dropped:
+        logger.warning("rl_finetune.algorithm=%s: dropped the file's keys that %s does not take: %s",
+                       _rl_algorithm(after), _rl_algorithm(after), ", ".join(dropped))
 
 
 def validate(raw: dict[str, Any], where: str = "params.yaml") -> Params:

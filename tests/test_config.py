@@ -81,6 +81,19 @@ def test_overrides_are_typed_and_validated():
         load_params(ROOT / "params.yaml", ["train.no_such_key=1"])
 
 
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_switching_rl_algorithm_by_override_drops_the_files_scst_only_keys(algo, caplog):
+    # The shipped file is written for SCST (baseline: loo); -S rl_finetune.algorithm=grpo must still run.
+    assert "baseline" in yaml.safe_load((ROOT / "params.yaml").read_text())["rl_finetune"]
+    with caplog.at_level("WARNING", logger="mmplatform.config"):
+        p = load_params(ROOT / "params.yaml", [f"rl_finetune.algorithm={algo}", "rl_finetune.steps=7"])
+    assert p.rl_finetune.algorithm == algo and p.rl_finetune.steps == 7
+    assert "baseline" in caplog.text
+    # A key the override itself sets is not dropped: it is still reported as unknown for that algorithm.
+    with pytest.raises(ConfigError, match=rf"rl_finetune.baseline: unknown key \(algorithm {algo}\)"):
+        load_params(ROOT / "params.yaml", [f"rl_finetune.algorithm={algo}", "rl_finetune.baseline=greedy"])
+
+
 def test_cli_rejects_unknown_override_with_one_line(capsys):
     from flows.cli import main
 

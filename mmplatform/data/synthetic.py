@@ -348,7 +348,7 @@ def _validate(counts: dict[str, int], image_size: int, captions_per_image: int, 
 
 
 def generate_synthetic(*, seed: int = 0, n_train: int = 8000, n_val: int = 500, n_test: int = 1000,
-                       n_test_compositional: int = 500, image_size: int = 64, captions_per_image: int = 5,
+                       n_test_compositional: int = 1000, image_size: int = 64, captions_per_image: int = 5,
                        min_objects: int = 1, max_objects: int = 4,
                        held_out: Sequence[tuple[str, str]] = DEFAULT_HELD_OUT) -> list[dict[str, Any]]:
     """Generate the synthetic dataset as canonical records (see :func:`mmplatform.data.dataset.make_record`).
