@@ -12,7 +12,7 @@ from mmplatform.models.multimodal import ModelConfig, MultimodalModel
 
 DV, DT, DIM = 24, 40, 32  # deliberately different widths: a wrong projection fails on shapes
 READS_IMAGE_PATCHES = {"cross_attention", "multimodal_transformer"}
-READS_TEXT_TOKENS = {"multimodal_transformer"}  # beyond the text [CLS]
+READS_TEXT_TOKENS = {"cross_attention", "multimodal_transformer"}  # beyond the text [CLS]
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +76,9 @@ def test_padding_invariance(kind, train):
 
 @pytest.mark.parametrize("kind", FUSION_KINDS)
 def test_which_tokens_each_kind_reads(kind):
-    """The documented contract: [CLS]s always matter; patches only for attention kinds; other real text tokens
-    only for the single-stream transformer (cross-attention reads out at the text [CLS] query)."""
+    """The documented contract: [CLS]s always matter; patches and the other real text tokens only for the
+    attention kinds (cross-attention's text self-attention; test_cross_attention_blocks_let_words_see_each_other
+    covers the older single block, which reads the [CLS] query alone)."""
     f = build_fusion(kind, DV, DT, DIM).eval()
     img, txt, mask = _inputs()
     mask = torch.ones_like(mask)
@@ -117,8 +118,11 @@ def test_fusion_flops_hand_values():
     # concat: (4+4)*4 + 4*4 = 48; gated: 2*(4+4)*4 = 64
     assert fusion_flops("concat", 10, 10, 4) == 48
     assert fusion_flops("gated", 10, 10, 4) == 64
-    # cross_attention, ni=nt=2, d=2: 2*2*2 + 2*2*2 + 2*4 + 2*2*4 + 2*2*2*2 + 9*2*4 = 8+8+8+16+16+72 = 128
-    assert fusion_flops("cross_attention", 2, 2, 2) == 128
+    # cross_attention, ni=nt=2, d=2, one block without self-attention:
+    # 2*2*2 + 2*2*2 + 2*4 + 2*2*4 + 2*2*2*2 + 9*2*4 = 8+8+8+16+16+72 = 128
+    assert fusion_flops("cross_attention", 2, 2, 2, layers=1, self_attention=False) == 128
+    # two blocks with self-attention: 16 + 2 * (112 + 4*2*4 + 2*4*2) = 16 + 2 * 160 = 336
+    assert fusion_flops("cross_attention", 2, 2, 2) == 336
     # multimodal_transformer, ni=nt=1, d=2, 1 layer: n=3; 1*2*2 + 1*2*2 + 12*3*4 + 2*9*2 = 8 + 144 + 36 = 188
     assert fusion_flops("multimodal_transformer", 1, 1, 2, layers=1) == 188
     # the ordering a fusion study expects at our default sizes (64 patches + [CLS], 20 text tokens, d=128)
@@ -178,10 +182,46 @@ def test_existing_kinds_keep_their_parameter_names():
     """Saved models must still load: the state-dict keys of the original kinds are frozen."""
     assert sorted(build_fusion("concat", DV, DT, DIM).state_dict()) == [
         "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"]
-    assert sorted(build_fusion("cross_attention", DV, DT, DIM).state_dict()) == [
-        "attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias", "attn.out_proj.weight",
-        "ff.0.bias", "ff.0.weight", "ff.2.bias", "ff.2.weight", "kv.bias", "kv.weight",
-        "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight", "q.bias", "q.weight"]
+
+
+def test_single_block_cross_attention_of_older_models_loads_and_computes_the_same():
+    """Models saved before ``layers`` had one cross-attention block at the top level (attn, norm1, ff, norm2)
+    and no text self-attention; their weights load into ``layers=1, self_attention=False`` and compute the
+    original block: q/kv projections, cross-attention + norm, feed-forward + norm, read at [CLS]."""
+    torch.manual_seed(0)
+    old = {"q": torch.nn.Linear(DT, DIM), "kv": torch.nn.Linear(DV, DIM),
+           "attn": torch.nn.MultiheadAttention(DIM, 4, batch_first=True), "norm1": torch.nn.LayerNorm(DIM),
+           "ff": torch.nn.Sequential(torch.nn.Linear(DIM, 4 * DIM), torch.nn.GELU(), torch.nn.Linear(4 * DIM, DIM)),
+           "norm2": torch.nn.LayerNorm(DIM)}
+    for m in (old["norm1"], old["norm2"]):  # non-trivial norms, so a dropped norm would show
+        torch.nn.init.normal_(m.weight)
+        torch.nn.init.normal_(m.bias)
+    state = {f"{name}.{k}": v for name, m in old.items() for k, v in m.state_dict().items()}
+    f = build_fusion("cross_attention", DV, DT, DIM, layers=1, self_attention=False).eval()
+    f.load_state_dict(state)  # strict: every old key is used and nothing is missing
+    img, txt, mask = _inputs(b=3)
+    with torch.no_grad():
+        q, kv = old["q"](txt), old["kv"](img)
+        h = old["norm1"](q + old["attn"](q, kv, kv, need_weights=False)[0])
+        expected = old["norm2"](h + old["ff"](h))[:, 0]
+        assert torch.allclose(f(img, txt, mask), expected, atol=1e-5)
+    assert not any("self_attn" in k for k in f.state_dict())
+
+
+def test_cross_attention_blocks_let_words_see_each_other():
+    """With text self-attention (the default), the [CLS] read-out depends on the other text tokens; with one
+    block and none it cannot (the query is the [CLS] alone)."""
+    img, txt, mask = _inputs(b=1, nt=5)
+    txt2 = txt.clone()
+    txt2[:, 3] += 1.0
+    for kw, depends in (({}, True), ({"layers": 1, "self_attention": False}, False)):
+        f = build_fusion("cross_attention", DV, DT, DIM, **kw).eval()
+        with torch.no_grad():
+            changed = not torch.allclose(f(img, txt, mask), f(img, txt2, mask), atol=1e-6)
+        assert changed == depends, kw
+    assert len(build_fusion("cross_attention", DV, DT, DIM).layers) == 2
+    with pytest.raises(ValueError, match="layers"):
+        build_fusion("cross_attention", DV, DT, DIM, layers=0)
 
 
 @pytest.mark.parametrize("kind", ["gated", "multimodal_transformer"])

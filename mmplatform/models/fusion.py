@@ -17,10 +17,12 @@ kinds, quality against compute (:func:`fusion_flops`), is a feature of the platf
   ``z = sigmoid(W_z [img_cls; txt_cls])``, ``h = z * h_v + (1 - z) * h_t`` (per-dimension mix).
   Trade-off: as cheap as ``concat`` and says how much each modality is trusted per feature (``z`` is inspectable),
   but still [CLS]-only and its only cross-modal interaction is the gate.
-- ``cross_attention``: text tokens attend over image patches (one block of ALBEF/BLIP's fusion encoder: Li et al.
-  2021, arXiv:2107.07651; Li et al. 2022, arXiv:2201.12086), so a word can be grounded in the region it names;
-  read out at the text [CLS] (which, as a query, depends on all image tokens and on no other text token).
-  Trade-off: cost grows with Nt x Ni; the usual best quality per FLOP for matching.
+- ``cross_attention``: ALBEF/BLIP's fusion encoder (Li et al. 2021, arXiv:2107.07651; Li et al. 2022,
+  arXiv:2201.12086): ``layers`` blocks (default 2) of text self-attention, text-to-image cross-attention and a
+  feed-forward, read out at the text [CLS]. A word is grounded in the region it names, and the next block's
+  self-attention lets the [CLS] compare what two words found (spatial relations). Models saved before the
+  option have one block without self-attention (``layers=1, self_attention=False``).
+  Trade-off: cost grows with Nt x Ni per block; the usual best quality per FLOP for matching.
 - ``multimodal_transformer`` (single-stream / "merged attention"): a pre-norm transformer encoder over
   ``[fusion_cls; W_i img_tokens + type_img; W_t txt_tokens + type_txt]`` with text padding masked out of the keys,
   read out at the learned fusion [CLS] (ViLT: Kim et al. 2021, arXiv:2102.03334; METER's merged-attention
@@ -38,6 +40,7 @@ from torch import nn
 
 FUSION_KINDS: tuple[str, ...] = ("concat", "gated", "cross_attention", "multimodal_transformer")
 MT_LAYERS = 2  # default depth of the multimodal transformer (small models on small data; ViLT uses 12)
+CA_LAYERS = 2  # default depth of the cross-attention fusion (ALBEF uses 6 on a 12-layer BERT)
 MT_HEADS = 4
 
 
@@ -76,24 +79,61 @@ class GatedFusion(nn.Module):
 
 
 class CrossAttentionFusion(nn.Module):
-    """Text queries attend over image keys/values (one ALBEF/BLIP fusion block); read out at the text [CLS]."""
+    """ALBEF/BLIP's fusion encoder: ``layers`` blocks of [text self-attention,] text-to-image cross-attention and a
+    feed-forward, post-norm as BERT; read out at the text [CLS].
 
-    def __init__(self, vision_dim: int, text_dim: int, dim: int, heads: int = 4):
+    With one block and no self-attention (what models saved before these options have) the [CLS] query sees the
+    image only: one attention hop, enough for "is there a red circle" but not for "is the red circle left of the
+    blue square", which needs each named object found (a word's cross-attention) and the two positions compared
+    (a later self-attention). Measured on frozen features of the default model, relation questions only:
+    2 blocks with self-attention 0.93 / 0.87 (above-below / left-right) after 1,000 steps, 1 block without
+    0.80 / 0.54 after 2,000 (docs/results.md)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, dim: int, heads: int = 4, layers: int = CA_LAYERS,
+                 self_attention: bool = True):
         super().__init__()
+        if layers < 1:
+            raise ValueError(f"cross_attention: layers must be >= 1, got {layers}")
         self.out_dim = dim
         self.q = nn.Linear(text_dim, dim)
         self.kv = nn.Linear(vision_dim, dim)
+        self.layers = nn.ModuleList(_CrossBlock(dim, heads, self_attention) for _ in range(layers))
+        # Models saved before ``layers`` existed hold block 0's weights at the top level (attn, norm1, ...).
+        self.register_load_state_dict_pre_hook(_nest_single_block)
+
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        h = self.q(txt_tokens)
+        kv = self.kv(img_tokens)
+        pad = txt_mask == 0  # True = padding, ignored as a key of the text self-attention
+        for block in self.layers:
+            h = block(h, kv, pad)
+        return h[:, 0]
+
+
+class _CrossBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, self_attention: bool):
+        super().__init__()
+        if self_attention:
+            self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+            self.norm0 = nn.LayerNorm(dim)
+        else:
+            self.self_attn = None
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
-        q = self.q(txt_tokens)
-        kv = self.kv(img_tokens)
-        h = self.norm1(q + self.attn(q, kv, kv, need_weights=False)[0])
-        h = self.norm2(h + self.ff(h))
-        return h[:, 0]
+    def forward(self, h: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        if self.self_attn is not None:
+            h = self.norm0(h + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+        h = self.norm1(h + self.attn(h, kv, kv, need_weights=False)[0])
+        return self.norm2(h + self.ff(h))
+
+
+def _nest_single_block(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for part in ("attn.", "norm1.", "ff.", "norm2."):
+        for k in [k for k in state_dict if k.startswith(prefix + part)]:
+            state_dict[prefix + "layers.0." + k[len(prefix):]] = state_dict.pop(k)
 
 
 class MultimodalTransformerFusion(nn.Module):
@@ -148,17 +188,19 @@ def build_fusion(kind: str, vision_dim: int, text_dim: int, dim: int, **kwargs) 
 
 
 def fusion_flops(kind: str, ni: int, nt: int, dim: int, *, vision_dim: int | None = None,
-                 text_dim: int | None = None, layers: int = MT_LAYERS) -> int:
+                 text_dim: int | None = None, layers: int | None = None, self_attention: bool = True) -> int:
     """Approximate multiply-adds of one forward pass for ONE (image, text) pair.
 
     Counts the matrix products only (linear layers and attention scores/mixing); biases, norms, activations and
     softmax are left out (lower order). ``ni``/``nt`` are token counts including [CLS]; ``vision_dim``/``text_dim``
-    default to ``dim``. With ``Dv, Dt, d = vision_dim, text_dim, dim``:
+    default to ``dim``; ``layers`` to the kind's default depth (:data:`CA_LAYERS`, :data:`MT_LAYERS`). With
+    ``Dv, Dt, d = vision_dim, text_dim, dim``:
 
     - concat:                 ``(Dv + Dt) d + d^2``
     - gated:                  ``2 (Dv + Dt) d``  (two tanh projections + the gate)
-    - cross_attention:        ``nt Dt d + ni Dv d`` (input projections)
-                              ``+ nt d^2 + 2 ni d^2`` (attention's q, k, v in-projections)
+    - cross_attention:        ``nt Dt d + ni Dv d`` (input projections), then per block:
+                              ``4 nt d^2 + 2 nt^2 d`` (text self-attention, when on)
+                              ``+ nt d^2 + 2 ni d^2`` (cross-attention's q, k, v in-projections)
                               ``+ 2 nt ni d`` (scores and weighted sum)
                               ``+ nt d^2 + 8 nt d^2`` (out-projection, 4x feed-forward); every text token is computed
                               although only the [CLS] is read out
@@ -175,8 +217,11 @@ def fusion_flops(kind: str, ni: int, nt: int, dim: int, *, vision_dim: int | Non
     if kind == "gated":
         return 2 * (dv + dt) * d
     if kind == "cross_attention":
-        return nt * dt * d + ni * dv * d + nt * d * d + 2 * ni * d * d + 2 * nt * ni * d + 9 * nt * d * d
+        per_block = nt * d * d + 2 * ni * d * d + 2 * nt * ni * d + 9 * nt * d * d
+        if self_attention:
+            per_block += 4 * nt * d * d + 2 * nt * nt * d
+        return nt * dt * d + ni * dv * d + (CA_LAYERS if layers is None else layers) * per_block
     if kind == "multimodal_transformer":
         n = 1 + ni + nt
-        return ni * dv * d + nt * dt * d + layers * (12 * n * d * d + 2 * n * n * d)
+        return ni * dv * d + nt * dt * d + (MT_LAYERS if layers is None else layers) * (12 * n * d * d + 2 * n * n * d)
     raise ValueError(f"fusion {kind!r}: expected one of {list(FUSION_KINDS)}")

@@ -71,6 +71,11 @@ class ModelConfig:
     decoder_heads: int = 4
     embed_dim: int = 128
     fusion: str = "cross_attention"
+    # Depth of the attention fusions; None (configs saved before the option): cross_attention one block without
+    # text self-attention, multimodal_transformer MT_LAYERS. fusion_self_attention: cross_attention's text
+    # self-attention in each block (False in those older configs).
+    fusion_layers: int | None = None
+    fusion_self_attention: bool = False
     # What the contrastive embeddings project: "cls" (token 0, as models saved before this option did) or
     # "mean" (text: mean over the attention mask; image: mean over the tokens after token 0).
     pooling: str = "cls"
@@ -165,6 +170,15 @@ def _upgrade_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -
             state_dict[old + "model." + k[len(old):]] = state_dict.pop(k)
 
 
+def fusion_kwargs(cfg: ModelConfig) -> dict:
+    """The fusion constructor's depth options from a model config (see ``ModelConfig.fusion_layers``)."""
+    if cfg.fusion == "cross_attention":
+        return {"layers": cfg.fusion_layers or 1, "self_attention": cfg.fusion_self_attention}
+    if cfg.fusion == "multimodal_transformer" and cfg.fusion_layers:
+        return {"layers": cfg.fusion_layers}
+    return {}
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, *, saved: str | Path | None = None):
         """``saved``: the folder a model is being loaded from (see :meth:`load`), so that pretrained encoders are
@@ -178,7 +192,7 @@ class MultimodalModel(nn.Module):
         self.img_proj = nn.Linear(vision_hidden, cfg.embed_dim, bias=False)
         self.txt_proj = nn.Linear(text_hidden, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.fusion = build_fusion(cfg.fusion, vision_hidden, text_hidden, cfg.embed_dim)
+        self.fusion = build_fusion(cfg.fusion, vision_hidden, text_hidden, cfg.embed_dim, **fusion_kwargs(cfg))
         self.itm_head = nn.Linear(self.fusion.out_dim, 2)
         self.memory_proj = nn.Linear(vision_hidden, cfg.decoder_hidden)
         self.decoder = BertLMHeadModel(BertConfig(

@@ -159,24 +159,32 @@ def tokenize_questions(tokenizer, records: Sequence[dict], max_length: int,
     return QuestionTable(ids, mask, torch.tensor(owner, dtype=torch.long), label, answers, types, a_ids, a_mask)
 
 
-def sample_question_per_image(rows: list[list[int]], idx: Sequence[int], gen: torch.Generator
+def sample_question_per_image(rows: list[list[int]], idx: Sequence[int], gen: torch.Generator, per_image: int = 1
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One question for each image in ``idx`` that has one, drawn uniformly (seeded) among its questions,
-    as captions are. Returns ``(question indices, positions in idx of the images they belong to)``."""
+    """``per_image`` questions for each image in ``idx`` that has one, drawn uniformly (seeded) without
+    replacement among its questions (all of them when it has fewer), as captions are. Returns
+    ``(question indices, positions in idx of the images they belong to)``, grouped by image in ``idx`` order."""
+    if per_image < 1:
+        raise ValueError(f"per_image must be >= 1, got {per_image}")
     pick = torch.randint(0, 1 << 30, (len(idx),), generator=gen).tolist()
     q, pos = [], []
     for k, (i, p) in enumerate(zip(idx, pick, strict=True)):
-        if rows[i]:
-            q.append(rows[i][p % len(rows[i])])
-            pos.append(k)
+        if not rows[i]:
+            continue
+        if per_image == 1:
+            chosen = [rows[i][p % len(rows[i])]]
+        else:
+            chosen = [rows[i][int(j)] for j in torch.randperm(len(rows[i]), generator=gen)[:per_image]]
+        q += chosen
+        pos += [k] * len(chosen)
     return torch.tensor(q, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
 
 
 @dataclass
 class VQABatch:
-    """The VQA part of a step: question ``j`` (``ids[j]``, ``mask[j]``; row ``index[j]`` of the
-    :class:`QuestionTable`) is about batch image ``pos[j]``; its answer class is ``label[j]`` and its
-    answer tokens ``answer_ids[j]``."""
+    """The VQA part of a step (one or more questions per image): question ``j`` (``ids[j]``, ``mask[j]``; row
+    ``index[j]`` of the :class:`QuestionTable`) is about batch image ``pos[j]``; its answer class is
+    ``label[j]`` and its answer tokens ``answer_ids[j]``."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -187,8 +195,9 @@ class VQABatch:
     answer_mask: torch.Tensor
 
 
-def vqa_batch(table: QuestionTable, rows: list[list[int]], idx: Sequence[int], gen: torch.Generator) -> VQABatch:
-    q, pos = sample_question_per_image(rows, idx, gen)
+def vqa_batch(table: QuestionTable, rows: list[list[int]], idx: Sequence[int], gen: torch.Generator,
+              per_image: int = 1) -> VQABatch:
+    q, pos = sample_question_per_image(rows, idx, gen, per_image)
     ids, mask = table.ids[q], table.mask[q]
     a_ids, a_mask = table.answer_ids[q], table.answer_mask[q]
     if len(q):  # dynamic padding, as for captions

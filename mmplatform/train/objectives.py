@@ -64,7 +64,7 @@ def model_config(p: TrainParams, tokenizer, image_size: int, vqa_answers: Sequen
         text_hidden=p.text.hidden_size, text_layers=p.text.layers, text_heads=p.text.heads,
         max_length=p.text.max_length, decoder_hidden=p.decoder.hidden_size,
         decoder_layers=p.decoder.layers, decoder_heads=p.decoder.heads, embed_dim=p.embed_dim,
-        fusion=p.fusion, pooling=p.pooling,
+        fusion=p.fusion, fusion_layers=p.fusion_layers, fusion_self_attention=True, pooling=p.pooling,
         banned_ids=sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id,
                            tokenizer.unk_token_id}),
         vqa_answers=list(vqa_answers) if p.loss_weights.vqa > 0 else [],

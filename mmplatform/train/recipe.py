@@ -185,12 +185,13 @@ class Batch:
                      tuple(move(x) for x in self.foils) if self.foils else None, vqa)
 
 
-def global_draws(d: TrainData, idx: torch.Tensor, seed: int, epoch: int, step: int
+def global_draws(d: TrainData, idx: torch.Tensor, seed: int, epoch: int, step: int, questions_per_image: int = 1
                  ) -> tuple[torch.Tensor, VQABatch | None]:
-    """One caption and one question per image of the *global* batch, drawn from generators keyed by the
-    position: every worker draws the same, whatever the number of workers."""
+    """One caption and ``questions_per_image`` questions per image of the *global* batch, drawn from generators
+    keyed by the position: every worker draws the same, whatever the number of workers."""
     cap = sample_caption_per_image(d.cap_rows, idx.tolist(), generator(seed, epoch, step, CAPTIONS))
-    vqa = vqa_batch(d.qa, d.q_rows, idx.tolist(), generator(seed, epoch, step, QUESTIONS)) if d.qa else None
+    vqa = (vqa_batch(d.qa, d.q_rows, idx.tolist(), generator(seed, epoch, step, QUESTIONS), questions_per_image)
+           if d.qa else None)
     return cap, vqa
 
 
@@ -361,7 +362,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
     first = torch.arange(global_batch)
-    probe = rows_of(data, first, *global_draws(data, first, p.seed, 0, 0), 0, micro_batch)
+    probe = rows_of(data, first, *global_draws(data, first, p.seed, 0, 0, p.vqa_questions_per_image), 0, micro_batch)
     net = wrap_ddp(MultitaskLoss(model, p), probe, device)  # DDP also broadcasts rank 0's weights
     opt, sched = build_optimizer(model, p, steps_per_epoch * p.epochs)
     start_epoch, start_step, history, step_log = 0, 0, [], []
@@ -398,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             gstep = epoch * steps_per_epoch + step
             _maybe_inject_fault(config, gstep, rank, world, ckpt_dir)
             idx = perm[step * global_batch:(step + 1) * global_batch]
-            cap, vqa = global_draws(data, idx, p.seed, epoch, step)
+            cap, vqa = global_draws(data, idx, p.seed, epoch, step, p.vqa_questions_per_image)
             lo = rank * local_batch
             micro = [rows_of(data, idx, cap, vqa, lo + j * micro_batch, lo + (j + 1) * micro_batch).to(device)
                      for j in range(p.accum_steps)]
@@ -481,7 +482,8 @@ def validate(model: MultimodalModel, val: TrainData, p: TrainParams, rank: int, 
     n = min(VAL_LOSS_IMAGES, len(val.images)) // world * world
     idx = torch.arange(n)
     first = torch.tensor([r[0] for r in val.cap_rows])
-    vqa = vqa_batch(val.qa, val.q_rows, range(n), torch.Generator().manual_seed(0)) if val.qa else None
+    vqa = (vqa_batch(val.qa, val.q_rows, range(n), torch.Generator().manual_seed(0), p.vqa_questions_per_image)
+           if val.qa else None)
     b = rows_of(val, idx, first[:n], vqa, rank * n // world, (rank + 1) * n // world).to(device)
     with autocast:
         vl = multitask_loss(model, b.images, b.ids, b.mask, p.loss_weights,

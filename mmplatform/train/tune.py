@@ -113,7 +113,7 @@ def trial_epochs(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
         perm = torch.randperm(n_train, generator=R.generator(p.seed, epoch, 0, R.PERMUTATION))
         for step in range(steps_per_epoch):
             idx = perm[step * p.batch_size:(step + 1) * p.batch_size]
-            cap, vqa = R.global_draws(data, idx, p.seed, epoch, step)
+            cap, vqa = R.global_draws(data, idx, p.seed, epoch, step, p.vqa_questions_per_image)
             batches = [R.rows_of(data, idx, cap, vqa, j * micro, (j + 1) * micro).to(device)
                        for j in range(p.accum_steps)]
             gens = [R.generator(p.seed, epoch, step, R.LOSS, 0, j, device=device) for j in range(p.accum_steps)]
