@@ -20,6 +20,8 @@ data_app = typer.Typer(no_args_is_help=True, help="dataset commands")
 app.add_typer(data_app, name="data")
 annotate_app = typer.Typer(no_args_is_help=True, help="annotation round trip with Label Studio")
 app.add_typer(annotate_app, name="annotate")
+study_app = typer.Typer(no_args_is_help=True, help="studies over trained models")
+app.add_typer(study_app, name="study")
 FORMATS = "coco | jsonl | csv | webdataset | imagefolder | labelstudio | synthetic"
 
 SetOpt = Annotated[list[str] | None, typer.Option("-S", "--set", help="section.key=value, for this run")]
@@ -286,6 +288,42 @@ def ui(port: int = 5000) -> None:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd))
+
+
+@study_app.command("stability")
+def study_stability(
+        algorithms: Annotated[str, typer.Option(help="comma-separated: scst,ppo,grpo")] = "scst,ppo,grpo",
+        seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
+        set_: SetOpt = None,
+        workdir: Annotated[Path, typer.Option(help="DVC workspace with models/base")] = Path("."),
+        out: Annotated[Path, typer.Option(help="where stability.json / .md go")] = Path("reports/rl_study")) -> None:
+    """RL stability study: each algorithm x seed from models/base, params.yaml's rl_finetune section for each
+    algorithm (-S rl_finetune.steps=80 applies to all); one MLflow parent run, a child run per (algorithm, seed)."""
+    from mmplatform.config import ConfigError, apply_overrides, read_raw, validate
+    from mmplatform.rl import runner
+    from mmplatform.rl.study import stability_study
+
+    wd = workdir.resolve()
+    try:
+        algos = [a.strip() for a in algorithms.split(",") if a.strip()]
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds {seeds!r}: expected comma-separated integers")
+    configs = {}
+    try:
+        for algo in algos:
+            raw = apply_overrides(read_raw(wd / "params.yaml"), [*(set_ or []), f"rl_finetune.algorithm={algo}"])
+            configs[algo] = validate(raw, str(wd / "params.yaml")).rl_finetune
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not (wd / "models/base/model_config.json").is_file():
+        _fail(f"{wd / 'models/base'}: no trained model here; run `mmp run` first")
+    _logging()
+    os.environ["MMP_WORKSPACE"] = str(wd)
+    result = stability_study(configs, seed_list, base_dir=wd / "models/base", data_dir=wd / "data/processed/clean",
+                             out_dir=wd / out if not out.is_absolute() else out, cache_dir=wd / ".cache/mmp",
+                             runner_for=runner)
+    typer.echo(json.dumps(result["summary"], indent=2))
 
 
 def _logging() -> None:

@@ -11,23 +11,9 @@ import sys
 from mmplatform import tracking
 from mmplatform.config import Params
 from mmplatform.reports import write_history
+from mmplatform.rl import runner
 from mmplatform.rl.rollout import read_summary
 from pipelines._common import run_stage
-
-
-def runner(algorithm: str):
-    """``run_<algorithm>`` (imported on demand: a stage imports only the trainer it runs)."""
-    if algorithm == "ppo":
-        from mmplatform.rl.ppo_trainer import run_ppo
-
-        return run_ppo
-    if algorithm == "grpo":
-        from mmplatform.rl.grpo_trainer import run_grpo
-
-        return run_grpo
-    from mmplatform.rl.scst_trainer import run_scst
-
-    return run_scst
 
 
 def body(p: Params) -> None:

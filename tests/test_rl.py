@@ -265,8 +265,61 @@ def test_rl_finetune_stage_runs_grpo_on_two_ray_workers(tmp_path, monkeypatch, s
 
 
 def test_rl_finetune_stage_picks_the_trainer_of_its_algorithm():
-    from pipelines.rl_finetune import runner
+    from mmplatform.rl import runner
 
     assert runner("scst").__name__ == "run_scst"
     assert runner("ppo").__name__ == "run_ppo"
     assert runner("grpo").__name__ == "run_grpo"
+
+
+def test_stability_summary_known_values():
+    from mmplatform.rl.study import markdown_table, summarise
+
+    rows = [
+        {"algorithm": "scst", "heldout_start": 2.0, "heldout_final": 2.2, "test_cider_d": 1.0, "kl_final": 0.1,
+         "collapsed": False, "wall_s": 10.0},
+        {"algorithm": "scst", "heldout_start": 2.0, "heldout_final": 1.8, "test_cider_d": 3.0, "kl_final": 0.3,
+         "collapsed": True, "wall_s": 30.0},
+        {"algorithm": "grpo", "heldout_start": 1.0, "heldout_final": 1.5, "test_cider_d": 2.0, "kl_final": None,
+         "collapsed": False, "wall_s": 5.0},
+    ]
+    s = summarise(rows)
+    assert list(s) == ["scst", "grpo"]
+    assert s["scst"]["heldout_final_mean"] == pytest.approx(2.0)
+    assert s["scst"]["heldout_final_std"] == pytest.approx(0.2 * 2**0.5)  # sample std of 2.2, 1.8
+    assert s["scst"]["heldout_gain_mean"] == pytest.approx(0.0) and s["scst"]["collapsed_fraction"] == 0.5
+    assert s["scst"]["test_cider_d_std"] == pytest.approx(2**0.5) and s["scst"]["wall_s_mean"] == 20.0
+    assert s["grpo"]["heldout_gain_mean"] == pytest.approx(0.5) and s["grpo"]["heldout_final_std"] == 0.0
+    assert s["grpo"]["kl_final_mean"] != s["grpo"]["kl_final_mean"]  # no KL recorded: NaN, not 0
+    table = markdown_table(s, 1.5)
+    assert "| scst | 2 | 2.000 ± 0.283 | +0.0% ± 14.1 |" in table and "| 0.50 |" in table
+
+
+@pytest.mark.slow
+def test_stability_study_command_runs_each_algorithm_and_seed(tmp_path, monkeypatch, single_shape_task):
+    """`mmp study stability`: one MLflow parent run with a child per (algorithm, seed); the table and JSON
+    written; each run's seed changes its sampling, so two seeds of one algorithm differ."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+
+    _stage_workspace(tmp_path, single_shape_task, {
+        "algorithm": "scst", "steps": 2, "batch_size": 4, "samples_per_image": 2, "max_length": 12, "lr": 1e-3,
+        "log_every": 1, "heldout_images": 8, "num_workers": 0, "cpus_per_worker": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["study", "stability", "--workdir", str(tmp_path), "--algorithms", "scst,grpo",
+                 "--seeds", "0,1"]) == 0
+    result = json.loads((tmp_path / "reports/rl_study/stability.json").read_text())
+    assert [(r["algorithm"], r["seed"]) for r in result["runs"]] == [("scst", 0), ("scst", 1), ("grpo", 0),
+                                                                     ("grpo", 1)]
+    assert set(result["summary"]) == {"scst", "grpo"} and result["summary"]["scst"]["runs"] == 2
+    scst = [r for r in result["runs"] if r["algorithm"] == "scst"]
+    assert scst[0]["heldout_final"] != scst[1]["heldout_final"]
+    assert "| grpo | 2 |" in (tmp_path / "reports/rl_study/stability.md").read_text()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("mmplatform").experiment_id])
+    [parent] = [r for r in runs if r.info.run_name == "rl-stability-study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["grpo-seed0", "grpo-seed1", "scst-seed0", "scst-seed1"]
+    assert "scst/heldout_final_mean" in parent.data.metrics and "test_cider_d_xe" in parent.data.metrics

@@ -28,7 +28,7 @@ class SCSTConfig(BaseModel):
     heldout_images: int = Field(200, ge=1, description="val images scored by the held-out reward")
     reward: dict[str, float] = Field(default_factory=lambda: {"cider_d": 1.0},
                                      description="reward name → weight (see mmplatform.rl.rewards)")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = Ray Train's local mode (this process)")
     cpus_per_worker: int = Field(2, ge=1)
 
     @model_validator(mode="after")
