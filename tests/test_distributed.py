@@ -239,19 +239,24 @@ def test_two_workers_follow_one_workers_loss_curve(runs):
     """Same global batch (32 = 2 x 16): the same data, the same contrastive negatives (gathered across
     workers), DDP-averaged gradients. What differs, and the tolerance it needs (measured in brackets):
     - float reduction order (features gathered from two workers, DDP's bucketed all-reduce): the
-      contrastive loss within 1e-4 [1.8e-6];
+      contrastive loss of step 0 (same weights on both sides) within 1e-4 [1.8e-6 with the one-block fusion];
     - ITM mines its hard negatives within each worker's 16 rows, not the 32, with a per-worker generator:
-      the ITM loss within 1e-2 [1.5e-3], and the weights drift from step 1 on, which moves the other terms;
+      the ITM loss within 1e-2 [1.7e-3], and the weights drift from step 1 on, which moves the other terms.
+      The two-block fusion carries ITM's gradient into every text token (the one-block one only into the
+      [CLS]), so the contrastive loss drifts too: within 1e-3 relative at every step [3.1e-4];
     - captioning is a token mean per worker, averaged over workers, not a mean over all tokens: within
-      3e-3 relative [5e-4]; VQA (one question per image, equal counts) within 1e-3 relative [2.4e-5];
-    - the total within 1e-3 relative [1.2e-4]."""
+      3e-3 relative [5e-4]; VQA (4 questions per image, counts nearly always equal) within 1e-3 relative
+      [2.0e-4];
+    - the total within 1e-3 relative [1.3e-4]."""
     _, c1, _ = runs["one"]
     _, c2, _ = runs["two"]
     one, two = read_steps(c1), read_steps(c2)
     assert [(r["epoch"], r["step"]) for r in one] == [(r["epoch"], r["step"]) for r in two]
     assert len(one) == EPOCHS * STEPS_PER_EPOCH
+    # Step 0 starts from the same weights: only the reduction order differs.
+    assert two[0]["contrastive"] == pytest.approx(one[0]["contrastive"], abs=1e-4)
     for a, b in zip(one, two, strict=True):
-        assert b["contrastive"] == pytest.approx(a["contrastive"], abs=1e-4)
+        assert b["contrastive"] == pytest.approx(a["contrastive"], rel=1e-3)
         assert b["itm"] == pytest.approx(a["itm"], abs=1e-2)
         assert b["captioning"] == pytest.approx(a["captioning"], rel=3e-3)
         assert b["vqa"] == pytest.approx(a["vqa"], rel=1e-3)
