@@ -149,24 +149,49 @@ def test_uncached_hub_name_offline_fails_in_one_line_through_the_train_stage(rec
         make_tokenizer(p, tokenizer_texts(recs))
 
 
-def test_default_model_is_unchanged_and_old_saved_models_load():
-    """tests/data/old_model was saved by the code before this change (bare ViTModel / BertModel attributes, no
-    encoder keys in model_config.json), with its embeddings of fixed inputs."""
-    old = Path(__file__).parent / "data" / "old_model"
-    raw = json.loads((old / "model_config.json").read_text())
-    assert "vision_name_or_path" not in raw
-    expected = json.loads((old / "expected.json").read_text())
+def _old_layout(key: str) -> str:
+    """A state-dict key as models saved before the encoder wrappers and the fusion's ``layers`` wrote it: bare
+    ViTModel / BertModel attributes (``vision.embeddings...``), the single cross-attention block at the fusion's
+    top level (``fusion.attn...``)."""
+    for part in ("vision.", "text."):
+        if key.startswith(part + "model."):
+            key = part + key[len(part + "model."):]
+    return key.replace("fusion.layers.0.", "fusion.", 1)
+
+
+def test_default_model_is_unchanged_and_old_saved_models_load(tmp_path):
+    """tests/data/old_model/model_config.json is what the code before the encoder options wrote (no encoder keys,
+    no pooling, no fusion depth); its weights are written here in that version's key layout, and the model loads
+    them into the wrapped encoders and the one-block fusion with the same embeddings."""
+    from safetensors.torch import save_file, save_model
+
+    raw = json.loads((Path(__file__).parent / "data" / "old_model" / "model_config.json").read_text())
+    assert "vision_name_or_path" not in raw and "fusion_layers" not in raw and "pooling" not in raw
+    torch.manual_seed(0)
+    source = MultimodalModel(ModelConfig.from_dict(raw)).eval()
+    save_model(source, str(tmp_path / "new.safetensors"))  # drops the decoder's tied copy, as save() does
+    old = tmp_path / "old_model"
+    old.mkdir()
+    state = load_file(str(tmp_path / "new.safetensors"))
+    save_file({_old_layout(k): v for k, v in state.items()}, str(old / "model.safetensors"))
+    (old / "model_config.json").write_text(json.dumps(raw))
+    assert any(k.startswith("vision.embeddings.") for k in load_file(str(old / "model.safetensors")))
     model = MultimodalModel.load(old)
-    assert sum(q.numel() for q in model.parameters()) == expected["n_params"]
+    assert sum(q.numel() for q in model.parameters()) == sum(q.numel() for q in source.parameters())
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
     ids = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
     mask = (ids != 0).long()
-    assert torch.equal(model.embed_images(images), torch.tensor(expected["image_emb"]))
-    assert torch.equal(model.embed_texts(ids, mask), torch.tensor(expected["text_emb"]))
-    # the default encoders are the same modules as before, wrapped: same parameter count, fixed 0.5/0.5 pixels
+    assert torch.equal(model.embed_images(images), source.embed_images(images))
+    assert torch.equal(model.embed_texts(ids, mask), source.embed_texts(ids, mask))
+    with torch.no_grad():
+        img_tok, txt_tok = model.image_tokens(images), model.text_tokens(ids, mask)
+        assert torch.equal(model.itm_logits(img_tok, txt_tok, mask),
+                           source.itm_logits(source.image_tokens(images), source.text_tokens(ids, mask), mask))
+    # the default encoders are the same modules as before, wrapped: fixed 0.5/0.5 pixels, [CLS] pooling
     cfg = ModelConfig(**raw)
     assert cfg.vision_arch == "vit" and cfg.text_arch == "bert" and cfg.vision_name_or_path is None
+    assert cfg.pooling == "cls" and cfg.fusion_layers is None and len(model.fusion.layers) == 1
     assert torch.equal(model.pixel_values(images), (images.float() / 255.0 - 0.5) / 0.5)
     # and a model saved now loads back with the wrapped key names (vision.model.*)
     assert any(k.startswith("vision.model.") for k in model.state_dict())
