@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from mmplatform.rl.common_config import KLBoundedConfig
 
 
-class GRPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class GRPOConfig(KLBoundedConfig):
+    """Shared keys (held-out evaluation, rewards, workers, kl_bound): :mod:`mmplatform.rl.common_config`."""
 
     algorithm: Literal["grpo"] = Field("grpo", description="RL algorithm")
     seed: int = Field(0, description="seed of sampling and batching")
@@ -27,14 +29,3 @@ class GRPOConfig(BaseModel):
     kl_coef: float = Field(
         0.02, ge=0.0, description="β of the k3 KL penalty to the reference policy in the loss (0 = off)")
     adv_eps: float = Field(1e-4, gt=0.0, description="added to the group std before dividing")
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    kl_bound: float = Field(
-        0.5, gt=0.0, description="largest mean KL to the reference (nats/token, at the sampling temperature) the "
-        "selected policy may have; the stage reports whether it stayed under it")
-    log_every: int = Field(20, ge=1, description="steps between held-out evaluations")
-    heldout_images: int = Field(200, ge=1, description="val images scored by the held-out reward")
-    reward: dict[str, float] = Field(default_factory=lambda: {"cider_d": 1.0},
-                                     description="reward name or package.module:function → weight "
-                                                 "(see mmplatform.rl.rewards)")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = Ray Train's local mode (this process)")
-    cpus_per_worker: int = Field(2, ge=1)

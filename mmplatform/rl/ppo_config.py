@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from mmplatform.rl.common_config import KLBoundedConfig
 
 
-class PPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class PPOConfig(KLBoundedConfig):
+    """Shared keys (held-out evaluation, rewards, workers, kl_bound): :mod:`mmplatform.rl.common_config`."""
 
     algorithm: Literal["ppo"] = Field("ppo", description="RL algorithm")
     seed: int = Field(0, description="seed of sampling, batching and minibatch order")
@@ -33,17 +35,6 @@ class PPOConfig(BaseModel):
     adaptive_kl: bool = Field(True, description="adapt β towards kl_target (Ziegler et al. 2019); off: β fixed")
     kl_target: float = Field(0.1, gt=0.0, description="KL to the reference the controller aims at (nats/token)")
     kl_horizon: int = Field(10000, ge=1, description="controller horizon in episodes (Ziegler et al. 2019: 10000)")
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    kl_bound: float = Field(
-        0.5, gt=0.0, description="largest mean KL to the reference (nats/token, at the sampling temperature) the "
-        "selected policy may have; the stage reports whether it stayed under it")
-    log_every: int = Field(20, ge=1, description="steps between held-out evaluations")
-    heldout_images: int = Field(200, ge=1, description="val images scored by the held-out reward")
-    reward: dict[str, float] = Field(default_factory=lambda: {"cider_d": 1.0},
-                                     description="reward name or package.module:function → weight "
-                                                 "(see mmplatform.rl.rewards)")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = Ray Train's local mode (this process)")
-    cpus_per_worker: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _target_under_bound(self) -> PPOConfig:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from mmplatform.rl.common_config import RLCommonConfig
 
 
-class SCSTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class SCSTConfig(RLCommonConfig):
+    """Shared keys (held-out evaluation, rewards, workers): :mod:`mmplatform.rl.common_config`."""
 
     algorithm: Literal["scst"] = Field("scst", description="RL algorithm")
     seed: int = Field(0, description="seed of sampling and batching")
@@ -24,12 +26,6 @@ class SCSTConfig(BaseModel):
     baseline: Literal["greedy", "loo"] = Field(
         "loo", description="greedy: reward of the greedy caption (Rennie et al. 2017); loo: mean reward "
         "of the image's other samples (Luo 2020), needs samples_per_image >= 2")
-    log_every: int = Field(20, ge=1, description="steps between held-out evaluations")
-    heldout_images: int = Field(200, ge=1, description="val images scored by the held-out reward")
-    reward: dict[str, float] = Field(default_factory=lambda: {"cider_d": 1.0},
-                                     description="reward name → weight (see mmplatform.rl.rewards)")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = Ray Train's local mode (this process)")
-    cpus_per_worker: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _loo_needs_samples(self) -> SCSTConfig:
