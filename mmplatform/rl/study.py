@@ -38,7 +38,7 @@ def run_once(cfg, *, base_dir: Path, data_dir: Path, out_dir: Path, cache_dir: P
             "wall_s": wall}
 
 
-def test_cider(model_dir: Path, data_dir: Path, split: str = "test", max_length: int = 40) -> float:
+def greedy_cider_d(model_dir: Path, data_dir: Path, split: str = "test", max_length: int = 40) -> float:
     """Test-split CIDEr-D (df from the split's references, as the evaluate stage) of a model's greedy captions."""
     from mmplatform.data.dataset import read_dataset
     from mmplatform.evaluate.captions import CiderD
@@ -106,7 +106,7 @@ def stability_study(configs: dict[str, Any], seeds: Sequence[int], *, base_dir: 
     with mlflow.start_run(run_name="rl-stability-study", tags={"mmp.study": "rl_stability"}) as parent:
         mlflow.log_params({"algorithms": ",".join(configs), "seeds": ",".join(map(str, seeds)),
                            "base_dir": str(base_dir)})
-        xe = test_cider(base_dir, data_dir)
+        xe = greedy_cider_d(base_dir, data_dir)
         mlflow.log_metric("test_cider_d_xe", xe)
         for algo, cfg in configs.items():
             for seed in seeds:
@@ -117,7 +117,7 @@ def stability_study(configs: dict[str, Any], seeds: Sequence[int], *, base_dir: 
                     mlflow.log_params({k: str(v) for k, v in tracking.flatten(run_cfg.model_dump()).items()})
                     row = run_once(run_cfg, base_dir=base_dir, data_dir=data_dir, out_dir=run_dir,
                                    cache_dir=cache_dir, mlflow_run_id=child.info.run_id, runner=runner_for(algo))
-                    row["test_cider_d"] = test_cider(run_dir, data_dir)
+                    row["test_cider_d"] = greedy_cider_d(run_dir, data_dir)
                     mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
                 row |= {"algorithm": algo, "seed": int(seed)}
                 rows.append(row)
