@@ -33,8 +33,31 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        # The dashboard (loopback only) also serves the state API that Ray Train polls to clean up.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True, configure_logging=False)
+        # No dashboard by default: its server, head modules and agent took 3.7% of a core during training
+        # steps, which on a 2-core machine stalls the 2-thread OpenMP team of the one worker (bench/README.md,
+        # "Ray Train vs a plain loop": B/A 0.845 -> see there). MMP_RAY_DASHBOARD=1 starts it (loopback only).
+        # Without it Ray Train v2's PlacementGroupCleaner cannot reach the state API; it only matters when the
+        # controller dies without cleaning up, and the in-process Ray, placement groups included, ends with
+        # this process anyway.
+        dashboard = ray_dashboard()
+        if not dashboard:
+            # Metrics feed the dashboard (and a Prometheus scraping it); with none, exporting them is only cost.
+            os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+        lean = not dashboard
+        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True, configure_logging=False,
+                 include_dashboard=dashboard, _system_config={"enable_metrics_collection": False} if lean else None,
+                 runtime_env={"worker_process_setup_hook": "mmplatform.compute.quiet_cleaner"} if lean else None)
+
+
+def quiet_cleaner() -> None:
+    """Ray worker set-up hook when the dashboard is off: the PlacementGroupCleaner's liveness check goes
+    through the state API, which the dashboard serves, so it would warn every second that it cannot reach it."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def ray_dashboard() -> bool:
+    """Whether the local Ray starts its dashboard (``MMP_RAY_DASHBOARD=1``; default off)."""
+    return os.environ.get("MMP_RAY_DASHBOARD", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cpus_per_worker: int,
