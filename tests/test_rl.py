@@ -12,7 +12,7 @@ import torch
 
 from mmplatform.config import TrainParams
 from mmplatform.data.synthetic import generate_synthetic
-from mmplatform.models.captioning import greedy_captions
+from mmplatform.models.captioning import decode_text, greedy_captions
 from mmplatform.models.losses import caption_loss
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
@@ -21,8 +21,9 @@ from mmplatform.rl.grpo_config import GRPOConfig
 from mmplatform.rl.ppo_config import PPOConfig
 from mmplatform.rl.rewards import build_rewards
 from mmplatform.rl.scst_config import SCSTConfig
+from mmplatform.rl.scst_trainer import _make_updater as scst_make_updater
 from mmplatform.rl.scst_trainer import scst_update, trainable_parameters
-from mmplatform.train.batches import decode_images, tokenize_captions
+from mmplatform.train.batches import decode_images, tokenize_captions, tokenize_questions
 from mmplatform.train.objectives import model_config, trim
 
 # The fusion plays no part in captioning RL; concat keeps its initialisation small and fixed.
@@ -328,9 +329,144 @@ def test_stability_study_command_runs_each_algorithm_and_seed(tmp_path, monkeypa
     scst = [r for r in result["runs"] if r["algorithm"] == "scst"]
     assert scst[0]["kl_final"] != scst[1]["kl_final"]  # the seed changes the sampled episodes
     assert "| grpo | 2 |" in (tmp_path / "reports/rl_study/stability.md").read_text()
+    partial = json.loads((tmp_path / "reports/rl_study/stability_runs.json").read_text())
+    assert partial["runs"] == result["runs"]  # the per-run file, rewritten after each run, ends complete
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("mmplatform").experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "rl-stability-study"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == ["grpo-seed0", "grpo-seed1", "scst-seed0", "scst-seed1"]
     assert "scst/heldout_final_mean" in parent.data.metrics and "test_cider_d_xe" in parent.data.metrics
+
+
+# ------------------------------------------------------------------------------------------------ generative VQA
+@pytest.fixture(scope="module")
+def vqa_task():
+    """Single-shape scenes with their questions; a tiny model whose decoder learnt, for a few steps, to answer
+    after the question (train.loss_weights.vqa_generative), so it answers in the right form but often wrongly."""
+    from mmplatform.rl.rollout import question_rows
+
+    torch.manual_seed(0)
+    recs = generate_synthetic(n_train=32, n_val=1, n_test=1, n_test_compositional=1, max_objects=1)
+    train = [r for r in recs if r["split"] == "train"]
+    tok = train_tokenizer([c for r in train for c in r["captions"] + r["questions"] + r["answers"]], 128)
+    p = TrainParams.model_validate(TINY | {"loss_weights": {"vqa_generative": 1.0}})
+    model = MultimodalModel(model_config(p, tok, 64))
+    images = decode_images(train, 64)
+    owner, prompts, refs = question_rows(train, tok, model)
+    qt = tokenize_questions(tok, train, model.cfg.max_length, {})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(VQA_WARMUP_STEPS):
+        loss = model.generative_vqa_loss(model.image_tokens(images[owner]), qt.ids, qt.mask, qt.answer_ids,
+                                         qt.answer_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"model": model.eval(), "tok": tok, "images": images, "owner": owner, "prompts": prompts, "refs": refs,
+            "records": recs}
+
+
+VQA_WARMUP_STEPS = 30
+
+
+def _exact_match(model, task) -> float:
+    from mmplatform.rl.rollout import decode
+
+    with torch.no_grad():
+        mem = model.memory(model.image_tokens(task["images"][task["owner"]]))
+        toks = decode(model, mem, 4, greedy=True, prompts=task["prompts"])
+    texts = decode_text(task["tok"], toks)
+    return float(np.mean([t == r[0] for t, r in zip(texts, task["refs"], strict=True)]))
+
+
+def test_answer_episodes_match_the_teacher_forced_vqa_loss(vqa_task):
+    """policy_pass over prompted episodes scores the answer tokens exactly as generative VQA training does, and
+    the greedy decode equals generate_answers."""
+    from mmplatform.rl.rollout import decode, policy_pass
+
+    model, tok, rows = vqa_task["model"], vqa_task["tok"], torch.arange(12)
+    prompts = vqa_task["prompts"].rows(rows)
+    images = vqa_task["images"][vqa_task["owner"][rows]]
+    answers = tok([r[0] for r in [vqa_task["refs"][i] for i in rows.tolist()]], padding="longest",
+                  return_tensors="pt")
+    a_ids, a_mask = answers["input_ids"], answers["attention_mask"]
+    tokens = torch.full((len(rows), a_ids.shape[1] - 1), model.cfg.pad_id)  # the answer after [CLS], then [SEP]
+    for i, n in enumerate(a_mask.sum(1).tolist()):
+        tokens[i, :n - 1] = a_ids[i, 1:n]
+    with torch.no_grad():
+        img_tok = model.image_tokens(images)
+        tp = policy_pass(model, model.memory(img_tok), tokens, prompts=prompts)
+        q_ids = torch.nn.functional.pad(prompts.ids, (0, model.cfg.max_length - prompts.ids.shape[1]))
+        q_mask = (torch.arange(q_ids.shape[1])[None] < prompts.lengths[:, None]).long()
+        # generative VQA's teacher-forced answer loss (model.generative_vqa_loss) over the tokens decoding may emit
+        ids, attn, labels = model.answer_sequences(q_ids, q_mask, a_ids, a_mask)
+        logits = model._allowed(model.caption_logits(model.memory(img_tok), ids[:, :-1], attn[:, :-1]).float())
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+        greedy = decode(model, model.memory(img_tok), 4, greedy=True, prompts=prompts)
+        expected = model.generate_answers(images, q_ids, q_mask, max_length=4)
+    torch.testing.assert_close(-tp.logp.sum() / tp.valid.sum(), ce)
+    for row, exp in zip(greedy, expected, strict=True):
+        end = (row == model.cfg.eos_id).nonzero()
+        assert row[:int(end[0]) if len(end) else len(row)].tolist() == exp.tolist()
+
+
+@pytest.mark.parametrize("algorithm", ["scst", "grpo", "ppo"])
+def test_rl_raises_exact_match_on_generative_vqa(vqa_task, algorithm):
+    """Each algorithm on the generative-VQA task (answer after the question, reward vqa_exact_match): the greedy
+    answers' exact match rises. The references an update sees are the gold answers."""
+    makers = {"scst": (SCSTConfig, scst_make_updater), "grpo": (GRPOConfig, grpo_trainer._make_updater),
+              "ppo": (PPOConfig, ppo_trainer._make_updater)}
+    cfg_cls, make = makers[algorithm]
+    cfg = cfg_cls(task="vqa", batch_size=32, max_length=4, samples_per_image=4, lr=1e-3,
+                  reward={"vqa_exact_match": 1.0})
+    model = copy.deepcopy(vqa_task["model"])
+    reference = copy.deepcopy(model).eval()
+    params = trainable_parameters(model)
+    reward_fn = build_rewards(cfg.reward, vqa_task["refs"])
+    update = make(model=model, reference=reference, params=params, tokenizer=vqa_task["tok"], reward_fn=reward_fn,
+                  cfg=cfg, gen=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    start, rows, evals = _exact_match(model, vqa_task), [], []
+    for step in range(1, VQA_RL_STEPS + 1):
+        idx = torch.randint(0, len(vqa_task["owner"]), (cfg.batch_size,), generator=gen)
+        rows.append(update(vqa_task["images"][vqa_task["owner"][idx]], [vqa_task["refs"][i] for i in idx.tolist()],
+                           prompts=vqa_task["prompts"].rows(idx)))
+        if step % 10 == 0:
+            evals.append(_exact_match(model, vqa_task))
+    # Measured (seed 0): SCST 0.298 -> 0.491, GRPO -> 0.565, PPO -> 0.602 after 100 steps, rising throughout.
+    assert evals[-1] > start + 0.1, " ".join(f"{e:.3f}" for e in [start] + evals)
+    assert np.mean([r["rl/reward_mean"] for r in rows[-5:]]) > np.mean([r["rl/reward_mean"] for r in rows[:5]])
+    assert "rl/reward_vqa_exact_match_mean" in rows[-1]
+    assert rows[-1]["rl/episode_length_max"] <= cfg.max_length
+
+
+VQA_RL_STEPS = 100
+
+
+@pytest.mark.slow
+def test_rl_finetune_stage_runs_generative_vqa(tmp_path, monkeypatch, vqa_task):
+    """rl_finetune.task=vqa through the stage (Ray Train local mode): the held-out reward is the exact match of
+    the greedy answers to the val questions, and it is logged per reward."""
+    run, summary = _run_stage(tmp_path, monkeypatch, vqa_task, {
+        "algorithm": "grpo", "task": "vqa", "steps": 20, "batch_size": 32, "samples_per_image": 4, "max_length": 4,
+        "lr": 1e-3, "log_every": 10, "heldout_images": 8, "num_workers": 0, "cpus_per_worker": 1,
+        "reward": {"vqa_exact_match": 1.0}})
+    assert summary["task"] == "vqa" and 0 <= summary["heldout_reward_start"] <= 1
+    assert summary["heldout_reward_selected"] >= summary["heldout_reward_start"]
+    for key in ("rl/heldout_reward", "rl/heldout_reward_vqa_exact_match", "rl/reward_vqa_exact_match_mean"):
+        assert key in run.data.metrics, key
+
+
+def test_generative_vqa_task_needs_a_model_that_answers(tmp_path, monkeypatch, capsys, single_shape_task):
+    """A base model trained without vqa_generative: one line that says what to train, before any worker starts."""
+    from pipelines.rl_finetune import main
+
+    _stage_workspace(tmp_path, single_shape_task, {"algorithm": "scst", "task": "vqa", "num_workers": 0,
+                                                   "reward": {"vqa_exact_match": 1.0}})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: rl_finetune: rl_finetune.task=vqa needs a base model")
+    assert "train.loss_weights.vqa_generative > 0" in err[-1]

@@ -323,22 +323,8 @@ class MultimodalModel(nn.Module):
         out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(q_ids)
         for n in q_len.unique().tolist():
             rows = (q_len == n).nonzero().squeeze(1)
-            steps = min(max_length, self.decoder.config.max_position_embeddings - n)
-            dec = self.decoder(input_ids=q_ids[rows, :n], encoder_hidden_states=memory[rows], use_cache=True)
-            past, logits = dec.past_key_values, dec.logits[:, -1]
-            toks = []
-            done = torch.zeros(len(rows), dtype=torch.bool, device=q_ids.device)
-            for _ in range(max(1, steps)):
-                nxt = self._allowed(logits.float()).argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, self.cfg.eos_id), nxt)
-                toks.append(nxt)
-                done = done | (nxt == self.cfg.eos_id)
-                if bool(done.all()):
-                    break
-                dec = self.decoder(input_ids=nxt[:, None], encoder_hidden_states=memory[rows],
-                                   past_key_values=past, use_cache=True)
-                past, logits = dec.past_key_values, dec.logits[:, -1]
-            seq = torch.stack(toks, 1)
+            steps = max(1, min(max_length, self.decoder.config.max_position_embeddings - n))
+            seq, _ = self.generate(memory[rows], steps, greedy=True, prefix=q_ids[rows, :n])
             for k, r in enumerate(rows.tolist()):
                 end = (seq[k] == self.cfg.eos_id).nonzero()
                 out[r] = seq[k, :int(end[0])] if len(end) else seq[k]
@@ -358,12 +344,14 @@ class MultimodalModel(nn.Module):
         return logits.index_fill(-1, torch.tensor(self.cfg.banned_ids, device=logits.device), float("-inf"))
 
     def generate(self, memory: torch.Tensor, max_length: int, *, greedy: bool = True,
-                 temperature: float = 1.0, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode with the KV cache. Returns (tokens (B, T) after [CLS], ending in [SEP] then [PAD]s;
-        log-probs (B, T) of the chosen tokens, 0 after the end). Gradients flow when enabled."""
+                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                 prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode with the KV cache. Returns (tokens (B, T) after [CLS] — or after ``prefix``, (B, L) ids that
+        start with [CLS], the same length in every row: generative VQA's ``[CLS] question [SEP]`` — ending in
+        [SEP] then [PAD]s; log-probs (B, T) of the chosen tokens, 0 after the end). Gradients flow when enabled."""
         b = memory.shape[0]
-        cur = torch.full((b, 1), self.cfg.bos_id, dtype=torch.long, device=memory.device)
+        cur = (torch.full((b, 1), self.cfg.bos_id, dtype=torch.long, device=memory.device)
+               if prefix is None else prefix)
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
         past, toks, logps = None, [], []
         for _ in range(max_length):

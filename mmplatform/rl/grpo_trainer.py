@@ -28,7 +28,7 @@ import torch
 from mmplatform.compute import average_gradients
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.rl.grpo_config import GRPOConfig
-from mmplatform.rl.rollout import episode_telemetry, k3, masked_mean, policy_pass, run_rl, sample_episodes, worker_loop
+from mmplatform.rl.rollout import Prompts, episode_telemetry, k3, masked_mean, run_rl, sample_episodes, worker_loop
 
 
 def group_advantages(rewards: np.ndarray, k: int, eps: float) -> tuple[np.ndarray, float]:
@@ -41,22 +41,24 @@ def group_advantages(rewards: np.ndarray, k: int, eps: float) -> tuple[np.ndarra
 
 def grpo_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.optim.Optimizer,
                 params: list[torch.nn.Parameter], images: torch.Tensor, batch_refs: list[list[str]],
-                reward_fn, tokenizer, cfg: GRPOConfig, gen: torch.Generator) -> dict[str, float]:
-    """One GRPO rollout on a batch of images and its ``epochs_per_batch`` updates; returns the telemetry."""
+                reward_fn, tokenizer, cfg: GRPOConfig, gen: torch.Generator, prompts: Prompts | None = None
+                ) -> dict[str, float]:
+    """One GRPO rollout on a batch of images (of questions, with ``prompts``) and its ``epochs_per_batch``
+    updates; returns the telemetry."""
     k, temp = cfg.samples_per_image, cfg.temperature
     ep = sample_episodes(model, images, batch_refs, reward_fn, tokenizer, k=k, max_length=cfg.max_length,
-                         temperature=temp, gen=gen)
+                         temperature=temp, gen=gen, prompts=prompts)
     adv_np, zero_var = group_advantages(ep.rewards["total"], k, cfg.adv_eps)
     adv = torch.tensor(adv_np, dtype=torch.float32)[:, None]
     with torch.no_grad():
-        old = policy_pass(model, ep.memory(model), ep.tokens, temp)
-        ref = policy_pass(reference, ep.memory(reference), ep.tokens, temp)
+        old = ep.policy(model, temp)
+        ref = ep.policy(reference, temp)
     valid = old.valid
     row = episode_telemetry(ep, old, ref.logp, model.cfg.eos_id)
 
     clip_fracs, losses = [], []
     for _ in range(cfg.epochs_per_batch):
-        new = policy_pass(model, ep.memory(model), ep.tokens, temp)
+        new = ep.policy(model, temp)
         ratio = torch.exp(new.logp - old.logp)
         clipped = ratio.clamp(1 - cfg.clip_epsilon, 1 + cfg.clip_epsilon)
         per_token = -torch.min(ratio * adv, clipped * adv)
@@ -72,7 +74,7 @@ def grpo_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
         losses.append(float(loss.detach()))
 
     with torch.no_grad():
-        after = policy_pass(model, ep.memory(model), ep.tokens, temp)
+        after = ep.policy(model, temp)
         row.update({
             "rl/loss": float(np.mean(losses)),
             "rl/zero_variance_groups": zero_var,
@@ -88,8 +90,8 @@ def grpo_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
 def _make_updater(*, model, reference, params, tokenizer, reward_fn, cfg: GRPOConfig, gen):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
-    def update(images: torch.Tensor, refs: list[list[str]]) -> dict[str, float]:
-        return grpo_update(model, reference, opt, params, images, refs, reward_fn, tokenizer, cfg, gen)
+    def update(images: torch.Tensor, refs: list[list[str]], prompts: Prompts | None = None) -> dict[str, float]:
+        return grpo_update(model, reference, opt, params, images, refs, reward_fn, tokenizer, cfg, gen, prompts)
 
     return update
 

@@ -33,11 +33,11 @@ from mmplatform.compute import average_gradients
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.rl.ppo_config import PPOConfig
 from mmplatform.rl.rollout import (
+    Prompts,
     all_mean,
     episode_telemetry,
     k3,
     masked_mean,
-    policy_pass,
     run_rl,
     sample_episodes,
     worker_loop,
@@ -95,14 +95,15 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ppo_update(model: MultimodalModel, reference: MultimodalModel, value_head: ValueHead,
                opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], ctl: AdaptiveKLController,
                images: torch.Tensor, batch_refs: list[list[str]], reward_fn, tokenizer, cfg: PPOConfig,
-               gen: torch.Generator) -> dict[str, float]:
-    """One PPO rollout on a batch of images and its updates; returns the step's telemetry."""
+               gen: torch.Generator, prompts: Prompts | None = None) -> dict[str, float]:
+    """One PPO rollout on a batch of images (of questions, with ``prompts``) and its updates; returns the
+    step's telemetry."""
     k, temp = cfg.samples_per_image, cfg.temperature
     ep = sample_episodes(model, images, batch_refs, reward_fn, tokenizer, k=k, max_length=cfg.max_length,
-                         temperature=temp, gen=gen)
+                         temperature=temp, gen=gen, prompts=prompts)
     with torch.no_grad():
-        old = policy_pass(model, ep.memory(model), ep.tokens, temp, hidden=True)
-        ref = policy_pass(reference, ep.memory(reference), ep.tokens, temp)
+        old = ep.policy(model, temp, hidden=True)
+        ref = ep.policy(reference, temp)
         valid = old.valid
         old_values = value_head(old.hidden) * valid
         # Per-token reward: −β·k1 KL estimate everywhere, the caption's reward at its last token.
@@ -126,7 +127,7 @@ def ppo_update(model: MultimodalModel, reference: MultimodalModel, value_head: V
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=gen)
         for mb in perm.chunk(cfg.minibatches):
-            new = policy_pass(model, ep.memory(model)[mb], ep.tokens[mb], temp, hidden=True)
+            new = ep.policy(model, temp, hidden=True, rows=mb)
             m = valid[mb]
             ratio = torch.exp(new.logp - old.logp[mb])
             clipped = ratio.clamp(1 - cfg.clip_epsilon, 1 + cfg.clip_epsilon)
@@ -145,7 +146,7 @@ def ppo_update(model: MultimodalModel, reference: MultimodalModel, value_head: V
             v_losses.append(float(v_loss.detach()))
 
     with torch.no_grad():
-        after = policy_pass(model, ep.memory(model), ep.tokens, temp)
+        after = ep.policy(model, temp)
         approx_kl = float(masked_mean(k3(old.logp, after.logp), valid))
     # Every worker must move β the same way: the controller sees the KL averaged over workers.
     ctl.update(all_mean(row["rl/kl_to_reference"]), n * world()[1])
@@ -163,9 +164,9 @@ def _make_updater(*, model, reference, params, tokenizer, reward_fn, cfg: PPOCon
                              {"params": list(value_head.parameters()), "lr": cfg.value_lr}], weight_decay=0.0)
     ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
 
-    def update(images: torch.Tensor, refs: list[list[str]]) -> dict[str, float]:
+    def update(images: torch.Tensor, refs: list[list[str]], prompts: Prompts | None = None) -> dict[str, float]:
         return ppo_update(model, reference, value_head, opt, params, ctl, images, refs, reward_fn, tokenizer,
-                          cfg, gen)
+                          cfg, gen, prompts)
 
     update.value_head = value_head  # for tests and inspection
     return update

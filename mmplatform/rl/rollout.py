@@ -1,7 +1,10 @@
 """What the RL trainers (SCST, PPO, GRPO) share: episodes, per-token log-probs, telemetry, the Ray driver.
 
 - :func:`sample_episodes`: k sampled captions per image (an episode is one caption), decoded and scored by the
-  reward function of :mod:`mmplatform.rl.rewards` (always given ``images=``, one per candidate).
+  reward function of :mod:`mmplatform.rl.rewards` (always given ``images=``, one per candidate). With
+  :class:`Prompts` the task is generative VQA: an episode is an answer decoded after its ``[CLS] question [SEP]``
+  (BLIP's answer decoder, here the captioner), the references are the gold answers, and the rewards also get
+  ``answers=`` (what ``vqa_exact_match`` reads).
 - :func:`policy_pass`: one teacher-forced pass over the episodes' tokens → per-token log-probs at the sampling
   temperature (the behaviour policy that drew them, so PPO/GRPO importance ratios are exact, as TRL does),
   the full log-softmax, the episode mask and, for PPO's value head, the decoder's last hidden states.
@@ -29,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmplatform.models.captioning import decode_text, greedy_captions
+from mmplatform.models.captioning import decode_text
 from mmplatform.models.multimodal import MultimodalModel, token_mask
 
 log = logging.getLogger(__name__)
 
-# update(images (B,3,H,W) uint8, refs: list[list[str]]) -> telemetry row of the step
+# update(images (B,3,H,W) uint8, refs: list[list[str]][, prompts=Prompts]) -> telemetry row of the step
 Updater = Callable[[torch.Tensor, list[list[str]]], dict[str, float]]
 
 
@@ -50,6 +53,45 @@ def trainable_parameters(model: MultimodalModel) -> list[torch.nn.Parameter]:
 
 # ------------------------------------------------------------------------------------------------ episodes
 @dataclass
+class Prompts:
+    """Generative VQA's decoder prefix per row: ``[CLS] question [SEP]`` ids, right-padded, and their lengths."""
+
+    ids: torch.Tensor  # (N, L)
+    lengths: torch.Tensor  # (N,)
+
+    def rows(self, idx: torch.Tensor) -> Prompts:
+        return Prompts(self.ids[idx], self.lengths[idx])
+
+    def repeat(self, k: int) -> Prompts:
+        return Prompts(self.ids.repeat_interleave(k, 0), self.lengths.repeat_interleave(k, 0))
+
+
+def decode(model: MultimodalModel, memory: torch.Tensor, max_length: int, *, greedy: bool, temperature: float = 1.0,
+           gen: torch.Generator | None = None, prompts: Prompts | None = None) -> torch.Tensor:
+    """Episode tokens (N, T), as :meth:`MultimodalModel.generate` returns them: after [CLS] (captioning) or after
+    each row's prompt (generative VQA; rows with prompts of one length are decoded together, in length order)."""
+    if prompts is None:
+        return model.generate(memory, max_length, greedy=greedy, temperature=temperature, generator=gen)[0]
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for n in prompts.lengths.unique().tolist():  # sorted: the draw order, hence the samples, is seeded
+        rows = (prompts.lengths == n).nonzero().squeeze(1)
+        steps = max(1, min(max_length, model.decoder.config.max_position_embeddings - n))
+        toks, _ = model.generate(memory[rows], steps, greedy=greedy, temperature=temperature, generator=gen,
+                                 prefix=prompts.ids[rows, :n])
+        parts.append((rows, toks))
+    out = torch.full((len(prompts.lengths), max(t.shape[1] for _, t in parts)), model.cfg.pad_id, dtype=torch.long,
+                     device=memory.device)
+    for rows, toks in parts:
+        out[rows, :toks.shape[1]] = toks
+    return out
+
+
+def score(reward_fn, texts: list[str], refs: list[list[str]], images: torch.Tensor, vqa: bool) -> dict[str, np.ndarray]:
+    """The rewards of ``texts``; generative VQA's references are the gold answers, also given as ``answers=``."""
+    return reward_fn(texts, refs, images=images, **({"answers": refs} if vqa else {}))
+
+
+@dataclass
 class Episodes:
     """``B`` images × ``k`` sampled captions, image-major (rows ``i*k .. i*k+k-1`` belong to image ``i``)."""
 
@@ -60,25 +102,44 @@ class Episodes:
     texts: list[str]
     refs: list[list[str]]  # reference set of each episode
     rewards: dict[str, np.ndarray]  # {name: (B*k,), "total": (B*k,)}
+    prompts: Prompts | None = None  # generative VQA: each episode's question prefix (B*k rows)
 
     def memory(self, model: MultimodalModel) -> torch.Tensor:
         """The decoder's cross-attention memory per episode; built here so gradients reach memory_proj."""
         return model.memory(self.img_tok).repeat_interleave(self.k, 0)
 
+    def policy(self, model: MultimodalModel, temperature: float = 1.0, *, hidden: bool = False,
+               rows: torch.Tensor | None = None) -> TokenPass:
+        """:func:`policy_pass` of ``model`` over these episodes (or ``rows`` of them), prompts included."""
+        memory, tokens, prompts = self.memory(model), self.tokens, self.prompts
+        if rows is not None:
+            memory, tokens = memory[rows], tokens[rows]
+            prompts = prompts.rows(rows) if prompts is not None else None
+        return policy_pass(model, memory, tokens, temperature, hidden=hidden, prompts=prompts)
+
+    def greedy_texts(self, model: MultimodalModel, tokenizer, max_length: int) -> list[str]:
+        """The greedy caption (answer) of each image (question): SCST's self-critical baseline."""
+        prompts = self.prompts.rows(torch.arange(0, len(self.tokens), self.k)) if self.prompts is not None else None
+        with torch.no_grad():
+            toks = decode(model, model.memory(self.img_tok), max_length, greedy=True, prompts=prompts)
+        return decode_text(tokenizer, toks)
+
 
 def sample_episodes(model: MultimodalModel, images: torch.Tensor, refs: Sequence[Sequence[str]], reward_fn,
                     tokenizer, *, k: int, max_length: int, temperature: float, gen: torch.Generator,
-                    img_tok: torch.Tensor | None = None) -> Episodes:
-    """Sample ``k`` captions per image at ``temperature`` and score them (``images=`` one per candidate)."""
+                    img_tok: torch.Tensor | None = None, prompts: Prompts | None = None) -> Episodes:
+    """Sample ``k`` captions per image (answers per question, with ``prompts``) at ``temperature`` and score
+    them (``images=`` one per candidate)."""
+    ep_prompts = prompts.repeat(k) if prompts is not None else None
     with torch.no_grad():
         img_tok = model.image_tokens(images) if img_tok is None else img_tok  # frozen encoder: no graph
         mem = model.memory(img_tok).repeat_interleave(k, 0)
-        tokens, _ = model.generate(mem, max_length, greedy=False, temperature=temperature, generator=gen)
+        tokens = decode(model, mem, max_length, greedy=False, temperature=temperature, gen=gen, prompts=ep_prompts)
     texts = decode_text(tokenizer, tokens)
     ep_refs = [list(r) for r in refs for _ in range(k)]
-    rewards = reward_fn(texts, ep_refs, images=images.repeat_interleave(k, 0))
+    rewards = score(reward_fn, texts, ep_refs, images.repeat_interleave(k, 0), prompts is not None)
     valid = token_mask(tokens, model.cfg.eos_id, model.cfg.pad_id)
-    return Episodes(img_tok, k, tokens, valid, texts, ep_refs, rewards)
+    return Episodes(img_tok, k, tokens, valid, texts, ep_refs, rewards, ep_prompts)
 
 
 @dataclass
@@ -90,25 +151,42 @@ class TokenPass:
 
 
 def policy_pass(model: MultimodalModel, memory: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                *, hidden: bool = False) -> TokenPass:
+                *, hidden: bool = False, prompts: Prompts | None = None) -> TokenPass:
     """One teacher-forced pass over ``tokens`` (as :meth:`MultimodalModel.generate` returns them).
 
     The same computation as :meth:`MultimodalModel.sequence_logprobs` with the logits divided by
     ``temperature`` — the distribution the episodes were sampled from — and optionally the decoder's hidden
-    states (PPO's value head reads them). Gradients flow when enabled.
+    states (PPO's value head reads them). With ``prompts`` each row is ``prompt + tokens`` (right-padded, as
+    generative VQA is trained) and the outputs are those at the tokens' positions. Gradients flow when enabled.
     """
-    b = tokens.shape[0]
-    bos = torch.full((b, 1), model.cfg.bos_id, dtype=torch.long, device=tokens.device)
-    inp = torch.cat([bos, tokens[:, :-1]], 1)
+    b, t = tokens.shape
     valid = token_mask(tokens, model.cfg.eos_id, model.cfg.pad_id)
-    attn = torch.cat([torch.ones_like(bos), valid[:, :-1].long()], 1)
+    if prompts is None:
+        bos = torch.full((b, 1), model.cfg.bos_id, dtype=torch.long, device=tokens.device)
+        inp = torch.cat([bos, tokens[:, :-1]], 1)
+        attn = torch.cat([torch.ones_like(bos), valid[:, :-1].long()], 1)
+        at = None
+    else:
+        lengths = prompts.lengths[:, None]
+        pos = torch.arange(int(prompts.lengths.max()) + t, device=tokens.device)[None]
+        ans = (pos - lengths).clamp(0, t - 1)  # index into tokens at and after the prompt
+        pids = torch.nn.functional.pad(prompts.ids, (0, pos.shape[1] - prompts.ids.shape[1]),
+                                       value=model.cfg.pad_id)
+        seq = torch.where(pos < lengths, pids, tokens.gather(1, ans))
+        mask = torch.where(pos < lengths, torch.ones_like(seq), (valid.gather(1, ans) > 0).long())
+        inp, attn = seq[:, :-1], mask[:, :-1]
+        at = lengths - 1 + torch.arange(t, device=tokens.device)[None]  # the position that emits token j
     out = model.decoder(input_ids=inp, attention_mask=attn, encoder_hidden_states=memory,
                         output_hidden_states=hidden)
-    full = torch.log_softmax(model._allowed(out.logits.float()) / temperature, -1)
+    logits, states = out.logits, out.hidden_states[-1] if hidden else None
+    if at is not None:
+        logits = logits.gather(1, at[:, :, None].expand(-1, -1, logits.shape[-1]))
+        states = states.gather(1, at[:, :, None].expand(-1, -1, states.shape[-1])) if hidden else None
+    full = torch.log_softmax(model._allowed(logits.float()) / temperature, -1)
     chosen = full.gather(2, tokens[:, :, None]).squeeze(2)
     # where, not multiply: padding after the episode is a banned token (log-prob -inf) and -inf * 0 = nan
     logp = torch.where(valid > 0, chosen, torch.zeros_like(chosen))
-    return TokenPass(logp, full, valid, out.hidden_states[-1] if hidden else None)
+    return TokenPass(logp, full, valid, states)
 
 
 def at_temperature(tp: TokenPass, tokens: torch.Tensor, temperature: float) -> TokenPass:
@@ -210,9 +288,15 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
     val_recs = read_dataset(config["data_dir"], split="val")[: cfg.heldout_images]
     size = model.cfg.image_size
     images = decode_images(train_recs, size)
-    refs = [r["captions"] for r in train_recs]
     val_images = decode_images(val_recs, size)
-    val_refs = [r["captions"] for r in val_recs]
+    vqa = cfg.task == "vqa"
+    if vqa:
+        # An RL sample is a question: its image, its prompt, its gold answer as the one reference.
+        owner, prompts, refs = question_rows(train_recs, tokenizer, model)
+        val_owner, val_prompts, val_refs = question_rows(val_recs, tokenizer, model)
+    else:
+        owner, prompts, refs = torch.arange(len(train_recs)), None, [r["captions"] for r in train_recs]
+        val_owner, val_prompts, val_refs = torch.arange(len(val_recs)), None, [r["captions"] for r in val_recs]
     # The frozen starting model scores clip_score, so the reward cannot drift with the policy it judges.
     reward_fn = build_rewards(cfg.reward, refs, model=reference, tokenizer=tokenizer)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -222,9 +306,16 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
     episodes_per_step = cfg.batch_size * cfg.samples_per_image * n_workers
 
     def heldout() -> dict[str, float]:
-        """Reward of the greedy captions of val images (total and per reward)."""
-        caps = greedy_captions(model, tokenizer, val_images, cfg.max_length)
-        return {name: float(v.mean()) for name, v in reward_fn(caps, val_refs, images=val_images).items()}
+        """Reward of the greedy captions of val images (answers to their questions), total and per reward."""
+        texts = []
+        with torch.no_grad():
+            for i in range(0, len(val_owner), 256):
+                rows = torch.arange(i, min(i + 256, len(val_owner)))
+                mem = model.memory(model.image_tokens(val_images[val_owner[rows]]))
+                texts += decode_text(tokenizer, decode(model, mem, cfg.max_length, greedy=True,
+                                                       prompts=val_prompts.rows(rows) if vqa else None))
+        rewards = score(reward_fn, texts, val_refs, val_images[val_owner], vqa)
+        return {name: float(v.mean()) for name, v in rewards.items()}
 
     h = heldout()
     start = h["total"]
@@ -241,8 +332,9 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
         t0 = time.time()
         # The model stays in eval mode (MultimodalModel.load returns it so): no dropout, so the log-probs of an
         # update match those the episodes were sampled with.
-        idx = torch.randint(0, len(train_recs), (cfg.batch_size,), generator=gen)
-        row = update(images[idx], [refs[i] for i in idx.tolist()])
+        idx = torch.randint(0, len(owner), (cfg.batch_size,), generator=gen)
+        batch_prompts = {"prompts": prompts.rows(idx)} if vqa else {}  # the captioners' updaters take no prompts
+        row = update(images[owner[idx]], [refs[i] for i in idx.tolist()], **batch_prompts)
         # All workers step together, so the global rate is the world size times this worker's.
         row["rl/episodes_per_s"] = episodes_per_step / (time.time() - t0)
         rates.append(row["rl/episodes_per_s"])
@@ -270,7 +362,8 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
     selected = next(r for r in history if r["selected"])
     kl_bound = getattr(cfg, "kl_bound", None)
     summary = {
-        "algorithm": cfg.algorithm, "heldout_reward_start": start, "heldout_reward_selected": best["reward"],
+        "algorithm": cfg.algorithm, "task": cfg.task, "heldout_reward_start": start,
+        "heldout_reward_selected": best["reward"],
         "selected_step": best["step"], "kl_to_reference_selected": selected["kl"],
         "kl_to_reference_max": max(r["kl"] for r in history),
         "episodes_per_s_mean": float(np.mean(rates)) if rates else 0.0, "workers": n_workers,
@@ -289,6 +382,26 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
         (out / "rl_summary.json").write_text(json.dumps(summary, indent=2))
 
 
+def question_rows(records: list[dict], tokenizer, model: MultimodalModel
+                  ) -> tuple[torch.Tensor, Prompts, list[list[str]]]:
+    """Generative VQA's samples: (image index of each question, its ``[CLS] question [SEP]`` prompt, [gold
+    answer]). The base model must have learnt to answer after a question (``train.loss_weights.vqa_generative``)."""
+    from mmplatform.train.batches import tokenize_questions
+
+    require_generative_vqa(model.cfg.vqa_generative)
+    qt = tokenize_questions(tokenizer, records, model.cfg.max_length, {})
+    if not len(qt.ids):
+        raise ValueError("rl_finetune.task=vqa: the records have no questions")
+    return qt.owner, Prompts(qt.ids, qt.mask.sum(1)), [[a] for a in qt.answers]
+
+
+def require_generative_vqa(vqa_generative: bool) -> None:
+    if not vqa_generative:
+        raise ValueError("rl_finetune.task=vqa needs a base model trained to answer through its decoder: "
+                         "train it with train.loss_weights.vqa_generative > 0 (its model_config.json has "
+                         "vqa_generative: false)")
+
+
 def run_rl(loop_per_worker: Callable[[dict], None], cfg, *, base_dir: str | Path, data_dir: str | Path,
            out_dir: str | Path, cache_dir: str | Path, mlflow_run_id: str | None = None) -> list[dict]:
     """Driver side: run ``loop_per_worker`` on ``cfg.num_workers`` Ray Train workers; returns the held-out
@@ -296,6 +409,9 @@ def run_rl(loop_per_worker: Callable[[dict], None], cfg, *, base_dir: str | Path
     algorithms with a ``kl_bound``, whether the selected policy stayed under it."""
     from mmplatform.compute import run_workers
 
+    if cfg.task == "vqa":  # checked here too, so the stage stops with one line rather than a worker's traceback
+        model_cfg = json.loads((Path(base_dir) / "model_config.json").read_text())
+        require_generative_vqa(bool(model_cfg.get("vqa_generative")))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     config = {"params": cfg.model_dump(), "base_dir": str(Path(base_dir).resolve()),
               "data_dir": str(Path(data_dir).resolve()), "out_dir": str(Path(out_dir).resolve()),

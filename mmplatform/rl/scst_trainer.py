@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from mmplatform.compute import average_gradients
-from mmplatform.models.captioning import decode_text
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.rl.rollout import (
+    Prompts,
     at_temperature,
     episode_telemetry,
-    policy_pass,
     run_rl,
     sample_episodes,
+    score,
     trainable_parameters,
     worker_loop,
 )
@@ -42,11 +42,12 @@ __all__ = ["run_scst", "scst_loop_per_worker", "scst_update", "trainable_paramet
 
 def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.optim.Optimizer,
                 params: list[torch.nn.Parameter], images: torch.Tensor, batch_refs: list[list[str]],
-                reward_fn, tokenizer, cfg: SCSTConfig, gen: torch.Generator) -> dict[str, float]:
-    """One SCST policy update on a batch of images; returns the step's telemetry."""
+                reward_fn, tokenizer, cfg: SCSTConfig, gen: torch.Generator, prompts: Prompts | None = None
+                ) -> dict[str, float]:
+    """One SCST policy update on a batch of images (of questions, with ``prompts``); returns the telemetry."""
     k = cfg.samples_per_image
     ep = sample_episodes(model, images, batch_refs, reward_fn, tokenizer, k=k, max_length=cfg.max_length,
-                         temperature=cfg.temperature, gen=gen)
+                         temperature=cfg.temperature, gen=gen, prompts=prompts)
     rewards = ep.rewards["total"].reshape(-1, k)
     greedy_r = None
     if cfg.baseline == "loo":
@@ -54,14 +55,13 @@ def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
         # (Luo 2020, "A Better Variant of Self-Critical Sequence Training"); advantages sum to zero per image.
         baseline = (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
     else:
-        with torch.no_grad():
-            greedy_tok, _ = model.generate(model.memory(ep.img_tok), cfg.max_length, greedy=True)
         # images= lets image-conditioned rewards (clip_score) score the captions; the others ignore it.
-        greedy_r = reward_fn(decode_text(tokenizer, greedy_tok), batch_refs, images=images)
+        greedy_r = score(reward_fn, ep.greedy_texts(model, tokenizer, cfg.max_length), batch_refs, images,
+                         prompts is not None)
         baseline = np.repeat(greedy_r["total"][:, None], k, 1)  # Rennie et al. 2017: the greedy caption
     adv = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32)
 
-    tp = policy_pass(model, ep.memory(model), ep.tokens)  # temperature 1: the policy's own log-probs
+    tp = ep.policy(model)  # temperature 1: the policy's own log-probs
     # REINFORCE with the baseline, averaged over the tokens of the batch.
     loss = -(adv[:, None] * tp.logp).sum() / tp.valid.sum().clamp(min=1)
     opt.zero_grad(set_to_none=True)
@@ -72,10 +72,10 @@ def scst_update(model: MultimodalModel, reference: MultimodalModel, opt: torch.o
 
     with torch.no_grad():
         # Telemetry at the sampling temperature, the distribution the episodes came from (as PPO and GRPO).
-        ref = policy_pass(reference, ep.memory(reference), ep.tokens, cfg.temperature)
+        ref = ep.policy(reference, cfg.temperature)
         row = episode_telemetry(ep, at_temperature(tp, ep.tokens, cfg.temperature), ref.logp, model.cfg.eos_id)
     row["rl/advantage_mean"] = float(adv.mean())
-    row["rl/loss"] = float(loss)
+    row["rl/loss"] = float(loss.detach())
     if greedy_r is not None:
         row["rl/greedy_reward_mean"] = float(greedy_r["total"].mean())
     return row
@@ -86,8 +86,8 @@ def _make_updater(*, model, reference, params, tokenizer, reward_fn, cfg: SCSTCo
     return partial(_update, model, reference, opt, params, reward_fn=reward_fn, tokenizer=tokenizer, cfg=cfg, gen=gen)
 
 
-def _update(model, reference, opt, params, images, refs, *, reward_fn, tokenizer, cfg, gen):
-    return scst_update(model, reference, opt, params, images, refs, reward_fn, tokenizer, cfg, gen)
+def _update(model, reference, opt, params, images, refs, *, reward_fn, tokenizer, cfg, gen, prompts=None):
+    return scst_update(model, reference, opt, params, images, refs, reward_fn, tokenizer, cfg, gen, prompts)
 
 
 def scst_loop_per_worker(config: dict[str, Any]) -> None:

@@ -121,6 +121,9 @@ def stability_study(configs: dict[str, Any], seeds: Sequence[int], *, base_dir: 
                     mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
                 row |= {"algorithm": algo, "seed": int(seed)}
                 rows.append(row)
+                # Written after every run, so a study cut short still leaves the runs it finished.
+                partial = {"test_cider_d_xe": xe, "runs": rows}
+                (out_dir / "stability_runs.json").write_text(json.dumps(partial, indent=2))
                 log.info("%s seed %d: held-out %.4f -> %.4f, test CIDEr-D %.4f (%.0f s)", algo, seed,
                          row["heldout_start"], row["heldout_final"], row["test_cider_d"], row["wall_s"])
         summary = summarise(rows)
