@@ -326,6 +326,58 @@ def study_stability(
     typer.echo(json.dumps(result["summary"], indent=2))
 
 
+@study_app.command("fusion")
+def study_fusion(
+        fusions: Annotated[str, typer.Option(help="comma-separated fusion strategies")] =
+        "concat,gated,cross_attention,multimodal_transformer",
+        seeds: Annotated[str, typer.Option(help="comma-separated RL seeds per fusion")] = "0,1",
+        algorithm: Annotated[str, typer.Option(help="scst, ppo or grpo")] = "grpo",
+        train_epochs: Annotated[int, typer.Option(help="epochs of each base model")] = 3,
+        train_images: Annotated[int, typer.Option(help="training images of each base model (0: all)")] = 2000,
+        rl_steps: Annotated[int, typer.Option(help="RL steps per run")] = 60,
+        set_: SetOpt = None,
+        workdir: Annotated[Path, typer.Option(help="DVC workspace with data/processed")] = Path("."),
+        out: Annotated[Path, typer.Option(help="where fusion.json / .md / .png go")] = Path("reports/rl_study")
+) -> None:
+    """Fusion-strategy study: a base model per fusion (params.yaml's train section, -S applies), then RL of its
+    answer decoder on generative VQA (exact-match reward) per seed; reward, episode length, stability and
+    compute per fusion, in one MLflow parent run."""
+    from mmplatform.config import ConfigError, apply_overrides, read_raw, validate
+    from mmplatform.models.fusion import FUSION_KINDS
+    from mmplatform.rl import runner
+    from mmplatform.rl.fusion_study import fusion_study
+
+    wd = workdir.resolve()
+    kinds = [f.strip() for f in fusions.split(",") if f.strip()]
+    unknown = [f for f in kinds if f not in FUSION_KINDS]
+    if unknown or not kinds:
+        _fail(f"--fusions {fusions!r}: expected some of {', '.join(FUSION_KINDS)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds {seeds!r}: expected comma-separated integers")
+    # The study's own settings first, so that -S can still change any of them.
+    study = [f"rl_finetune.algorithm={algorithm}", "rl_finetune.task=vqa", "rl_finetune.max_length=4",
+             "rl_finetune.reward={vqa_exact_match: 1.0}", f"rl_finetune.steps={rl_steps}",
+             f"train.epochs={train_epochs}"]
+    try:
+        params = validate(apply_overrides(read_raw(wd / "params.yaml"), [*study, *(set_ or [])]),
+                          str(wd / "params.yaml"))
+    except ConfigError as exc:
+        _fail(str(exc))
+    train_dir, val_dir = wd / "data/processed/augmented", wd / "data/processed/clean"
+    for d in (train_dir, val_dir):
+        if not (d / "manifest.json").is_file():
+            _fail(f"{d}: no dataset here; run `mmp run` (or `dvc repro augment`) first")
+    _logging()
+    os.environ["MMP_WORKSPACE"] = str(wd)
+    result = fusion_study(params.train, params.rl_finetune, kinds, seed_list, train_dir=train_dir, val_dir=val_dir,
+                          data_dir=val_dir, out_dir=wd / out if not out.is_absolute() else out,
+                          cache_dir=wd / ".cache/mmp", runner=runner(params.rl_finetune.algorithm),
+                          train_images=train_images or None)
+    typer.echo(json.dumps(result["summary"], indent=2))
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -370,10 +370,11 @@ VQA_WARMUP_STEPS = 30
 
 
 def _exact_match(model, task) -> float:
-    from mmplatform.rl.rollout import decode
+    from mmplatform.rl.rollout import decode, fused_questions
 
     with torch.no_grad():
-        mem = model.memory(model.image_tokens(task["images"][task["owner"]]))
+        img_tok = model.image_tokens(task["images"][task["owner"]])
+        mem = model.answer_memory(img_tok, fused_questions(model, img_tok, task["prompts"]))
         toks = decode(model, mem, 4, greedy=True, prompts=task["prompts"])
     texts = decode_text(task["tok"], toks)
     return float(np.mean([t == r[0] for t, r in zip(texts, task["refs"], strict=True)]))
@@ -382,7 +383,7 @@ def _exact_match(model, task) -> float:
 def test_answer_episodes_match_the_teacher_forced_vqa_loss(vqa_task):
     """policy_pass over prompted episodes scores the answer tokens exactly as generative VQA training does, and
     the greedy decode equals generate_answers."""
-    from mmplatform.rl.rollout import decode, policy_pass
+    from mmplatform.rl.rollout import decode, fused_questions, policy_pass
 
     model, tok, rows = vqa_task["model"], vqa_task["tok"], torch.arange(12)
     prompts = vqa_task["prompts"].rows(rows)
@@ -395,15 +396,17 @@ def test_answer_episodes_match_the_teacher_forced_vqa_loss(vqa_task):
         tokens[i, :n - 1] = a_ids[i, 1:n]
     with torch.no_grad():
         img_tok = model.image_tokens(images)
-        tp = policy_pass(model, model.memory(img_tok), tokens, prompts=prompts)
+        memory = model.answer_memory(img_tok, fused_questions(model, img_tok, prompts))
+        tp = policy_pass(model, memory, tokens, prompts=prompts)
         q_ids = torch.nn.functional.pad(prompts.ids, (0, model.cfg.max_length - prompts.ids.shape[1]))
         q_mask = (torch.arange(q_ids.shape[1])[None] < prompts.lengths[:, None]).long()
         # generative VQA's teacher-forced answer loss (model.generative_vqa_loss) over the tokens decoding may emit
         ids, attn, labels = model.answer_sequences(q_ids, q_mask, a_ids, a_mask)
-        logits = model._allowed(model.caption_logits(model.memory(img_tok), ids[:, :-1], attn[:, :-1]).float())
+        memory = model.answer_memory(img_tok, model.fused_question(img_tok, q_ids, q_mask))
+        logits = model._allowed(model.caption_logits(memory, ids[:, :-1], attn[:, :-1]).float())
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                ignore_index=-100)
-        greedy = decode(model, model.memory(img_tok), 4, greedy=True, prompts=prompts)
+        greedy = decode(model, memory, 4, greedy=True, prompts=prompts)
         expected = model.generate_answers(images, q_ids, q_mask, max_length=4)
     torch.testing.assert_close(-tp.logp.sum() / tp.valid.sum(), ce)
     for row, exp in zip(greedy, expected, strict=True):
@@ -470,3 +473,32 @@ def test_generative_vqa_task_needs_a_model_that_answers(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: rl_finetune: rl_finetune.task=vqa needs a base model")
     assert "train.loss_weights.vqa_generative > 0" in err[-1]
+
+
+def test_answer_decoder_reads_the_fusion(vqa_task):
+    """The answer decoder's memory starts with the fusion's (image, question) vector: changing the fusion changes
+    the generative-VQA loss. A model saved before the option (vqa_fused_memory absent: False) has no such input."""
+    from dataclasses import asdict
+
+    from mmplatform.models.multimodal import ModelConfig
+
+    model = copy.deepcopy(vqa_task["model"])
+    assert model.answer_proj is not None
+    rows = torch.arange(16)
+    prompts = vqa_task["prompts"].rows(rows)
+    q_mask = (torch.arange(prompts.ids.shape[1])[None] < prompts.lengths[:, None]).long()
+    answers = vqa_task["tok"]([vqa_task["refs"][i][0] for i in rows.tolist()], padding="longest", return_tensors="pt")
+    img_tok = model.image_tokens(vqa_task["images"][vqa_task["owner"][rows]])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(model.generative_vqa_loss(img_tok, prompts.ids, q_mask, answers["input_ids"],
+                                                   answers["attention_mask"]))
+
+    before = loss()
+    with torch.no_grad():
+        for q in model.fusion.parameters():
+            q.add_(torch.randn_like(q))
+    assert abs(loss() - before) > 1e-5  # measured 8e-4 (the warm-up is short; the decoder leans on the image)
+    old = MultimodalModel(ModelConfig(**(asdict(model.cfg) | {"vqa_fused_memory": False})))
+    assert old.answer_proj is None and old.fused_question(img_tok, prompts.ids, q_mask) is None

@@ -86,6 +86,9 @@ class ModelConfig:
     vqa_answers: list[str] = field(default_factory=list)
     mlm: bool = False  # build the masked-language-modelling head (image context)
     vqa_generative: bool = False  # the decoder was also trained to answer questions (question as prefix)
+    # The answer decoder also reads the fusion's (image, question) vector, as BLIP's reads its fusion encoder's
+    # output: one more memory token before the image's. False for models saved before it (they answer without).
+    vqa_fused_memory: bool = False
     mask_id: int | None = None  # the tokenizer's [MASK], needed by MLM
     # Encoders (defaults = the small ViT / BERT above, so older configs load unchanged). *_name_or_path: a
     # transformers model by hub name or local folder; its hidden size then replaces *_hidden.
@@ -202,6 +205,8 @@ class MultimodalModel(nn.Module):
             add_cross_attention=True, **_no_dropout(),
         ))
         self.vqa_head = VQAClassifier(self.fusion.out_dim, len(cfg.vqa_answers)) if cfg.vqa_answers else None
+        self.answer_proj = (nn.Linear(self.fusion.out_dim, cfg.decoder_hidden)
+                            if cfg.vqa_generative and cfg.vqa_fused_memory else None)
         if cfg.mlm and cfg.mask_id is None:
             raise ValueError("ModelConfig.mlm needs mask_id (the tokenizer's [MASK] id)")
         mlm_heads = getattr(self.text.config, "num_attention_heads", None) or cfg.text_heads
@@ -304,12 +309,28 @@ class MultimodalModel(nn.Module):
             labels[i, q:len(r)] = r[q:]
         return ids, (ids != self.cfg.pad_id).long(), labels
 
+    def fused_question(self, img_tokens: torch.Tensor, q_ids: torch.Tensor, q_mask: torch.Tensor
+                       ) -> torch.Tensor | None:
+        """The fusion's (B, out_dim) vector of each (image, question), which the answer decoder reads; None for a
+        model whose answer decoder reads the image only."""
+        if self.answer_proj is None:
+            return None
+        return self.fusion(img_tokens, self.text_tokens(q_ids, q_mask), q_mask)
+
+    def answer_memory(self, img_tokens: torch.Tensor, fused: torch.Tensor | None) -> torch.Tensor:
+        """The answer decoder's cross-attention memory: [projected fused vector;] projected image tokens."""
+        memory = self.memory(img_tokens)
+        if fused is None:
+            return memory
+        return torch.cat([self.answer_proj(fused)[:, None], memory], 1)
+
     def generative_vqa_loss(self, img_tokens: torch.Tensor, q_ids: torch.Tensor, q_mask: torch.Tensor,
                             a_ids: torch.Tensor, a_mask: torch.Tensor) -> torch.Tensor:
         """Teacher-forced cross-entropy of the answer tokens given the image and the question (BLIP's answer
-        decoder, here the captioner itself with the question as its prompt)."""
+        decoder, here the captioner itself with the question as its prompt, reading the fusion's output too)."""
         ids, attn, labels = self.answer_sequences(q_ids, q_mask, a_ids, a_mask)
-        logits = self.caption_logits(self.memory(img_tokens), ids[:, :-1], attn[:, :-1])
+        memory = self.answer_memory(img_tokens, self.fused_question(img_tokens, q_ids, q_mask))
+        logits = self.caption_logits(memory, ids[:, :-1], attn[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                ignore_index=-100)
 
@@ -318,7 +339,8 @@ class MultimodalModel(nn.Module):
                          max_length: int = 4) -> list[torch.Tensor]:
         """Greedy answer tokens (up to [SEP], excluded) for each question, decoded after the question
         prefix with the KV cache; questions of equal length are decoded together (no padding inside)."""
-        memory = self.memory(self.image_tokens(images))
+        img_tokens = self.image_tokens(images)
+        memory = self.answer_memory(img_tokens, self.fused_question(img_tokens, q_ids, q_mask))
         q_len = q_mask.sum(1)
         out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(q_ids)
         for n in q_len.unique().tolist():

@@ -42,10 +42,12 @@ Updater = Callable[[torch.Tensor, list[list[str]]], dict[str, float]]
 
 
 def trainable_parameters(model: MultimodalModel) -> list[torch.nn.Parameter]:
-    """Freeze everything but the captioner (decoder + memory projection); return the trainable parameters."""
+    """Freeze everything but the captioner (decoder + memory projections); return the trainable parameters."""
     for q in model.parameters():
         q.requires_grad_(False)
     params = list(model.decoder.parameters()) + list(model.memory_proj.parameters())
+    if model.answer_proj is not None:  # the answer decoder's input from the (frozen) fusion
+        params += list(model.answer_proj.parameters())
     for q in params:
         q.requires_grad_(True)
     return params
@@ -103,10 +105,11 @@ class Episodes:
     refs: list[list[str]]  # reference set of each episode
     rewards: dict[str, np.ndarray]  # {name: (B*k,), "total": (B*k,)}
     prompts: Prompts | None = None  # generative VQA: each episode's question prefix (B*k rows)
+    fused: torch.Tensor | None = None  # generative VQA: the frozen fusion's vector per question (B rows) or None
 
     def memory(self, model: MultimodalModel) -> torch.Tensor:
-        """The decoder's cross-attention memory per episode; built here so gradients reach memory_proj."""
-        return model.memory(self.img_tok).repeat_interleave(self.k, 0)
+        """The decoder's cross-attention memory per episode; built here so gradients reach the projections."""
+        return model.answer_memory(self.img_tok, self.fused).repeat_interleave(self.k, 0)
 
     def policy(self, model: MultimodalModel, temperature: float = 1.0, *, hidden: bool = False,
                rows: torch.Tensor | None = None) -> TokenPass:
@@ -121,7 +124,8 @@ class Episodes:
         """The greedy caption (answer) of each image (question): SCST's self-critical baseline."""
         prompts = self.prompts.rows(torch.arange(0, len(self.tokens), self.k)) if self.prompts is not None else None
         with torch.no_grad():
-            toks = decode(model, model.memory(self.img_tok), max_length, greedy=True, prompts=prompts)
+            toks = decode(model, model.answer_memory(self.img_tok, self.fused), max_length, greedy=True,
+                          prompts=prompts)
         return decode_text(tokenizer, toks)
 
 
@@ -133,13 +137,22 @@ def sample_episodes(model: MultimodalModel, images: torch.Tensor, refs: Sequence
     ep_prompts = prompts.repeat(k) if prompts is not None else None
     with torch.no_grad():
         img_tok = model.image_tokens(images) if img_tok is None else img_tok  # frozen encoder: no graph
-        mem = model.memory(img_tok).repeat_interleave(k, 0)
+        fused = fused_questions(model, img_tok, prompts)  # frozen fusion: computed once per question
+        mem = model.answer_memory(img_tok, fused).repeat_interleave(k, 0)
         tokens = decode(model, mem, max_length, greedy=False, temperature=temperature, gen=gen, prompts=ep_prompts)
     texts = decode_text(tokenizer, tokens)
     ep_refs = [list(r) for r in refs for _ in range(k)]
     rewards = score(reward_fn, texts, ep_refs, images.repeat_interleave(k, 0), prompts is not None)
     valid = token_mask(tokens, model.cfg.eos_id, model.cfg.pad_id)
-    return Episodes(img_tok, k, tokens, valid, texts, ep_refs, rewards, ep_prompts)
+    return Episodes(img_tok, k, tokens, valid, texts, ep_refs, rewards, ep_prompts, fused)
+
+
+def fused_questions(model: MultimodalModel, img_tok: torch.Tensor, prompts: Prompts | None) -> torch.Tensor | None:
+    """The fusion's vector per (image, question) for an answer decoder that reads it; None otherwise."""
+    if prompts is None:
+        return None
+    mask = (torch.arange(prompts.ids.shape[1], device=prompts.ids.device)[None] < prompts.lengths[:, None]).long()
+    return model.fused_question(img_tok, prompts.ids, mask)
 
 
 @dataclass
@@ -311,9 +324,11 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
         with torch.no_grad():
             for i in range(0, len(val_owner), 256):
                 rows = torch.arange(i, min(i + 256, len(val_owner)))
-                mem = model.memory(model.image_tokens(val_images[val_owner[rows]]))
+                batch_prompts = val_prompts.rows(rows) if vqa else None
+                img_tok = model.image_tokens(val_images[val_owner[rows]])
+                mem = model.answer_memory(img_tok, fused_questions(model, img_tok, batch_prompts))
                 texts += decode_text(tokenizer, decode(model, mem, cfg.max_length, greedy=True,
-                                                       prompts=val_prompts.rows(rows) if vqa else None))
+                                                       prompts=batch_prompts))
         rewards = score(reward_fn, texts, val_refs, val_images[val_owner], vqa)
         return {name: float(v.mean()) for name, v in rewards.items()}
 

@@ -69,7 +69,7 @@ def model_config(p: TrainParams, tokenizer, image_size: int, vqa_answers: Sequen
                            tokenizer.unk_token_id}),
         vqa_answers=list(vqa_answers) if p.loss_weights.vqa > 0 else [],
         mlm=p.loss_weights.mlm > 0, mask_id=tokenizer.mask_token_id,
-        vqa_generative=p.loss_weights.vqa_generative > 0,
+        vqa_generative=p.loss_weights.vqa_generative > 0, vqa_fused_memory=p.loss_weights.vqa_generative > 0,
         vision_arch=p.vision.arch, vision_name_or_path=p.vision.name_or_path, vision_finetune=p.vision.finetune,
         vision_trainable_layers=p.vision.trainable_layers,
         text_arch=p.text.arch, text_name_or_path=p.text.name_or_path, text_finetune=p.text.finetune,
