@@ -376,6 +376,14 @@ class Params(_Section):
     # "register" would shadow BaseModel.register; the YAML key stays "register".
     register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
 
+    @model_validator(mode="after")
+    def _vqa_rl_needs_an_answer_decoder(self) -> Params:
+        # Checked when the file loads, not after an hour of training: the RL stage would stop there.
+        if self.rl_finetune.task == "vqa" and self.train.loss_weights.vqa_generative <= 0:
+            raise ValueError("rl_finetune.task=vqa fine-tunes the answer decoder, which only "
+                             "train.loss_weights.vqa_generative > 0 trains; set it (e.g. 0.5)")
+        return self
+
 
 def _one_line(err: ValidationError, where: str) -> str:
     e = err.errors()[0]
@@ -387,6 +395,8 @@ def _one_line(err: ValidationError, where: str) -> str:
     key = ".".join(str(p) for p in loc)
     reason = ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) + algo
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if not key:  # a check across sections names its keys itself
+        return f"{where}: {reason.removeprefix('Value error, ')}{more}"
     return f"{where}: {key}: {reason}{more}"
 
 

@@ -121,3 +121,16 @@ def test_each_stage_lists_every_key_of_its_section():
             continue
         listed = {k.split(".", 1)[1] for k in s.get("params", []) if k.startswith(f"{name}.")}
         assert listed == set(params[name]), f"{name}: dvc.yaml lists {sorted(listed)}"
+
+
+def test_generative_vqa_rl_without_an_answer_decoder_fails_when_the_file_loads():
+    """rl_finetune.task=vqa needs the decoder trained to answer: said when params load, not after training."""
+    from mmplatform.config import read_raw
+
+    raw = apply_overrides(read_raw(ROOT / "params.yaml"), ["rl_finetune.task=vqa"])
+    with pytest.raises(ConfigError) as exc:
+        validate(raw, "params.yaml")
+    assert str(exc.value) == ("params.yaml: rl_finetune.task=vqa fine-tunes the answer decoder, which only "
+                              "train.loss_weights.vqa_generative > 0 trains; set it (e.g. 0.5)")
+    ok = apply_overrides(raw, ["train.loss_weights.vqa_generative=0.5"])
+    assert validate(ok, "params.yaml").rl_finetune.task == "vqa"

@@ -231,7 +231,10 @@ def _stage_workspace(path, task, rl: dict):
     task["model"].save(path / "models/base")
     task["tok"].save_pretrained(str(path / "models/base/tokenizer"))
     write_dataset(path / "data/processed/clean", task["records"], stage="clean")
-    (path / "params.yaml").write_text(yaml.safe_dump({"rl_finetune": rl}))
+    params = {"rl_finetune": rl}
+    if rl.get("task") == "vqa":  # the pipeline's params would have trained the answer decoder
+        params["train"] = {"loss_weights": {"vqa_generative": 0.5}}
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def _run_stage(tmp_path, monkeypatch, task, rl: dict):
@@ -462,7 +465,8 @@ def test_rl_finetune_stage_runs_generative_vqa(tmp_path, monkeypatch, vqa_task):
 
 
 def test_generative_vqa_task_needs_a_model_that_answers(tmp_path, monkeypatch, capsys, single_shape_task):
-    """A base model trained without vqa_generative: one line that says what to train, before any worker starts."""
+    """A base model trained without vqa_generative (params that would have trained it, a model from elsewhere):
+    one line that says what to train, before any worker starts."""
     from pipelines.rl_finetune import main
 
     _stage_workspace(tmp_path, single_shape_task, {"algorithm": "scst", "task": "vqa", "num_workers": 0,
