@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmplatform.rl.study import run_once
+from mmplatform.rl.study import mean_std, run_once
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for fusion in dict.fromkeys(r["fusion"] for r in rows):
         mine = [r for r in rows if r["fusion"] == fusion]
-
-        def ms(key: str, mine=mine) -> tuple[float, float]:
-            vals = [float(r[key]) for r in mine if r.get(key) is not None]
-            if not vals:
-                return float("nan"), float("nan")
-            return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
         s: dict[str, float] = {"runs": len(mine)}
         for key in ("heldout_start", "heldout_final", "heldout_selected", "gain", "episode_length", "kl_final",
                     "wall_s", "episodes_per_s"):
-            s[f"{key}_mean"], s[f"{key}_std"] = ms(key)
+            s[f"{key}_mean"], s[f"{key}_std"] = mean_std(mine, key)
         s["collapsed_fraction"] = sum(bool(r["collapsed"]) for r in mine) / len(mine)
         for key in ("flops_per_episode", "fusion_flops_per_episode", "fusion_parameters", "train_wall_s"):
             s[key] = float(mine[0][key])

@@ -17,6 +17,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +55,21 @@ def greedy_cider_d(model_dir: Path, data_dir: Path, split: str = "test", max_len
     return float(CiderD().score(caps, [r["captions"] for r in recs]).mean())
 
 
+def mean_std(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
+    """Mean and sample std (0 for one value) of ``key`` over the rows that have it; NaN, NaN for none."""
+    vals = [float(r[key]) for r in rows if r.get(key) is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per algorithm: mean and std (sample std; 0 for one run) of the final held-out reward, its relative gain
     over the start, the test CIDEr-D and the KL; the collapsed fraction; the mean wall time."""
     out: dict[str, dict[str, float]] = {}
     for algo in dict.fromkeys(r["algorithm"] for r in rows):
         mine = [r for r in rows if r["algorithm"] == algo]
-
-        def ms(key: str, mine=mine) -> tuple[float, float]:
-            vals = [float(r[key]) for r in mine if r.get(key) is not None]
-            if not vals:
-                return float("nan"), float("nan")
-            return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
+        ms = partial(mean_std, mine)
         gains = [r["heldout_final"] / r["heldout_start"] - 1 for r in mine]
         row: dict[str, float] = {"runs": len(mine)}
         for key in ("heldout_final", "test_cider_d", "kl_final"):
