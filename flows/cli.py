@@ -361,8 +361,10 @@ def study_fusion(
              "rl_finetune.reward={vqa_exact_match: 1.0}", f"rl_finetune.steps={rl_steps}",
              f"train.epochs={train_epochs}"]
     try:
-        params = validate(apply_overrides(read_raw(wd / "params.yaml"), [*study, *(set_ or [])]),
-                          str(wd / "params.yaml"))
+        raw = read_raw(wd / "params.yaml")
+        if not (raw.get("train", {}).get("loss_weights", {}).get("vqa_generative") or 0) > 0:
+            study.append("train.loss_weights.vqa_generative=0.5")  # trains the answer decoder the study tunes
+        params = validate(apply_overrides(raw, [*study, *(set_ or [])]), str(wd / "params.yaml"))
     except ConfigError as exc:
         _fail(str(exc))
     train_dir, val_dir = wd / "data/processed/augmented", wd / "data/processed/clean"
