@@ -6,8 +6,7 @@ import json
 
 import pytest
 import yaml
-
-from tests.conftest import ROOT, TINY, deep_update
+from conftest import ROOT, TINY, deep_update  # tests/ is on sys.path (rootdir conftest)
 
 
 @pytest.fixture
