@@ -490,7 +490,7 @@ def test_answer_decoder_reads_the_fusion(vqa_task):
     assert model.answer_proj is not None
     rows = torch.arange(16)
     prompts = vqa_task["prompts"].rows(rows)
-    q_mask = (torch.arange(prompts.ids.shape[1])[None] < prompts.lengths[:, None]).long()
+    q_mask = prompts.mask()
     answers = vqa_task["tok"]([vqa_task["refs"][i][0] for i in rows.tolist()], padding="longest", return_tensors="pt")
     img_tok = model.image_tokens(vqa_task["images"][vqa_task["owner"][rows]])
 

@@ -64,6 +64,10 @@ class Prompts:
     def rows(self, idx: torch.Tensor) -> Prompts:
         return Prompts(self.ids[idx], self.lengths[idx])
 
+    def mask(self) -> torch.Tensor:
+        """(N, L) attention mask of ``ids``: 1 on each prompt's tokens."""
+        return (torch.arange(self.ids.shape[1], device=self.ids.device)[None] < self.lengths[:, None]).long()
+
     def repeat(self, k: int) -> Prompts:
         return Prompts(self.ids.repeat_interleave(k, 0), self.lengths.repeat_interleave(k, 0))
 
@@ -151,8 +155,7 @@ def fused_questions(model: MultimodalModel, img_tok: torch.Tensor, prompts: Prom
     """The fusion's vector per (image, question) for an answer decoder that reads it; None otherwise."""
     if prompts is None:
         return None
-    mask = (torch.arange(prompts.ids.shape[1], device=prompts.ids.device)[None] < prompts.lengths[:, None]).long()
-    return model.fused_question(img_tok, prompts.ids, mask)
+    return model.fused_question(img_tok, prompts.ids, prompts.mask())
 
 
 @dataclass
