@@ -43,6 +43,20 @@ def test_plateau_and_summary_on_known_histories():
     assert not plateau_reached(hist, {"epoch": 1}, off) and training_summary(hist, off)["weights"] == "last"
 
 
+def test_summary_records_each_val_loss_plateau():
+    """The run monitors val_total; each objective's own plateau is recorded beside it (known values)."""
+    p = TrainParams.model_validate({"early_stopping_patience": 3, "epochs": 9})
+    cap = [2.0, 1.0, 0.9, 0.95, 0.92, 0.91]   # best at epoch 2, then 3 epochs without a new minimum
+    vqa = [3.0, 2.0, 1.5, 1.2, 1.0, 0.8]      # still improving
+    hist = [{"epoch": e, "val_total": c + v, "val_captioning": c, "val_vqa": v, "val_t2i_recall@1": 0.5}
+            for e, (c, v) in enumerate(zip(cap, vqa, strict=True))]
+    losses = training_summary(hist, p)["val_losses"]
+    assert set(losses) == {"val_captioning", "val_vqa"}
+    assert losses["val_captioning"] == {"best_epoch": 2, "best_value": 0.9, "plateau": True}
+    assert losses["val_vqa"] == {"best_epoch": 5, "best_value": 0.8, "plateau": False}
+    assert training_summary(hist[:5], p)["val_losses"]["val_captioning"]["plateau"] is False  # 2 epochs since
+
+
 def test_monitoring_a_loss_that_is_switched_off_is_refused():
     with pytest.raises(ValidationError, match="loss_weights.vqa is 0"):
         TrainParams.model_validate({"early_stopping_metric": "val_vqa", "loss_weights": {"vqa": 0.0}})

@@ -464,7 +464,26 @@ def training_summary(history: list[dict], p: TrainParams) -> dict[str, Any]:
     return {"epochs_run": len(history), "max_epochs": p.epochs, "metric": p.early_stopping_metric,
             "patience": p.early_stopping_patience, "best_epoch": best_epoch, "best_value": float(min(values)),
             "last_value": float(values[-1]), "weights": "best" if p.early_stopping_patience else "last",
-            "plateau": bool(p.early_stopping_patience and last - best_epoch >= p.early_stopping_patience)}
+            "plateau": bool(p.early_stopping_patience and last - best_epoch >= p.early_stopping_patience),
+            "val_losses": val_loss_plateaus(history, p.early_stopping_patience or DEFAULT_PATIENCE)}
+
+
+DEFAULT_PATIENCE = 3  # what "stopped improving" means for the per-loss records when early stopping is off
+
+
+def val_loss_plateaus(history: list[dict], patience: int) -> dict[str, dict[str, Any]]:
+    """Per val loss (each objective on its own): its best epoch, and whether it then went ``patience`` epochs
+    without a new minimum. The run stops on one metric (``val_total``), but each head plateaus at its own time:
+    the captioner's loss (what RL starts from) can stop improving while VQA is still learning, and that
+    is worth recording rather than stopping for."""
+    out: dict[str, dict[str, Any]] = {}
+    last = history[-1]["epoch"]
+    for key in [k for k in history[-1] if k.startswith("val_") and k != "val_total" and "recall" not in k]:
+        rows = [h for h in history if h.get(key) is not None]
+        best = min(rows, key=lambda h: h[key])
+        out[key] = {"best_epoch": best["epoch"], "best_value": float(best[key]),
+                    "plateau": last - best["epoch"] >= patience}
+    return out
 
 
 def epoch_means(step_log: list[dict], epoch: int) -> dict[str, float]:
