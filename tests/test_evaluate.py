@@ -97,8 +97,8 @@ def test_itm_rerank_reorders_only_the_top_k_by_the_matching_head():
     word_id = {tok.convert_tokens_to_ids(n): i for i, n in enumerate(names)}
     images = torch.arange(5).view(5, 1, 1, 1).float()
 
-    def itm_logits(img_tok, txt_tok, mask, img_index=None):
-        img = img_tok[:, 0, 0].long() if img_index is None else img_tok[img_index, 0, 0].long()
+    def itm_logits(img_tok, txt_tok, mask):
+        img = img_tok[:, 0, 0].long()
         cap = torch.tensor([word_id[int(t)] for t in txt_tok[:, 1, 0].long()])
         return torch.stack([torch.zeros(len(img)), (img == cap).float() * 5], 1)
 

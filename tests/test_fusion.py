@@ -98,42 +98,6 @@ def test_which_tokens_each_kind_reads(kind):
     assert changed(img, bump(txt, slice(1, None))) == (kind in READS_TEXT_TOKENS)
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", FUSION_KINDS)
-def test_img_index_equals_repeated_images(kind, train):
-    """Pairing text rows with images by index gives the same vectors and gradients as repeating the images;
-    images no pair uses get no gradient."""
-    f = build_fusion(kind, DV, DT, DIM).train(train)
-    img, _, _ = _inputs(b=3)
-    _, txt, mask = _inputs(b=4)
-    index = torch.tensor([2, 0, 2, 2])  # image 1 unused, image 2 in three pairs
-    img_a, img_b = img.clone().requires_grad_(), img.clone().requires_grad_()
-    a = f(img_a[index], txt, mask)
-    b = f(img_b, txt, mask, img_index=index)
-    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
-    a.square().sum().backward()
-    b.square().sum().backward()
-    assert torch.allclose(img_a.grad, img_b.grad, atol=1e-5)
-    assert not img_b.grad[1].any()
-
-
-def test_img_index_projects_each_image_once():
-    """The point of ``img_index``: 4 questions per image cost fewer multiply-adds than 4 copies of the image."""
-    f = build_fusion("cross_attention", DV, DT, DIM).train()
-    img, _, _ = _inputs(b=4, ni=17)
-    txt = torch.randn(16, 7, DT)
-    mask = torch.ones(16, 7)
-    index = torch.arange(4).repeat_interleave(4)
-    flops = []
-    for args in ((img[index], txt, mask), (img, txt, mask, index)):
-        with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            f(*args)
-        flops.append(counter.get_total_flops())
-    per_row, per_image = flops
-    # the key/value side is 3 of its 4 copies cheaper: (kv + 2 in-projections per block) x ni x d^2 x 3 x 4 images
-    assert per_row - per_image == 2 * 3 * 4 * 17 * (DV * DIM + 2 * 2 * DIM * DIM)
-
-
 def test_gated_fusion_is_a_gated_sum():
     """h = z * tanh(W_v v) + (1 - z) * tanh(W_t t); a saturated gate picks one modality."""
     f = GatedFusion(DV, DT, DIM)

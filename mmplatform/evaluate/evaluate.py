@@ -83,7 +83,7 @@ def itm_rerank(model: MultimodalModel, tokenizer, records: list[dict], images: t
             c, m = caps.ids[cap_idx[s:s + batch]], caps.mask[cap_idx[s:s + batch]]
             n = int(m.sum(1).max())  # trim the padding tail: attention cost follows real length
             c, m = c[:, :n], m[:, :n]
-            out.append(model.itm_logits(img_tok, model.text_tokens(c, m), m, img_index=img_idx[s:s + batch])
+            out.append(model.itm_logits(img_tok[img_idx[s:s + batch]], model.text_tokens(c, m), m)
                        .float().log_softmax(-1)[:, 1])
         return torch.cat(out)
 

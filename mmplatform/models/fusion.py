@@ -3,18 +3,11 @@
 One interface for every kind::
 
     forward(img_tokens (B, Ni, Dv), txt_tokens (B, Nt, Dt), txt_mask (B, Nt)) -> (B, out_dim)
-    forward(img_tokens (M, Ni, Dv), txt_tokens (B, Nt, Dt), txt_mask (B, Nt), img_index (B,)) -> (B, out_dim)
 
 Token 0 of each sequence is its [CLS] summary; ``txt_mask`` is 1 (or True) at real text tokens and 0 at padding,
-and position 0 is always real. Image tokens are never padded. With ``img_index``, text row ``i`` is paired with
-image ``img_index[i]``: the same result as ``img_tokens[img_index]``, but what depends on the image alone (the
-cross-attention's key and value projections) is computed once per image rather than once per pair. Training pairs
-each image with 4 questions (VQA) and each ITM anchor with 2 captions, and those projections are 40 % of the
-cross-attention fusion's multiply-adds (``bench/fusion_bench.py`` measures the gain).
-
-``out_dim == dim`` for every kind. The fused vector feeds the image-text matching head
-(``MultimodalModel.itm_head``); the choice is ``train.fusion`` and comparing the kinds, quality against compute
-(:func:`fusion_flops`), is a feature of the platform.
+and position 0 is always real. Image tokens are never padded. ``out_dim == dim`` for every kind. The fused vector
+feeds the image-text matching head (``MultimodalModel.itm_head``); the choice is ``train.fusion`` and comparing the
+kinds, quality against compute (:func:`fusion_flops`), is a feature of the platform.
 
 - ``concat`` (late fusion): an MLP over ``[img_cls; txt_cls]`` (Dv + Dt -> dim -> dim).
   Trade-off: cheapest, independent of sequence lengths, but sees only the two summaries, so it cannot ground a word
@@ -43,7 +36,6 @@ cross-attention fusion's multiply-adds (``bench/fusion_bench.py`` measures the g
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FUSION_KINDS: tuple[str, ...] = ("concat", "gated", "cross_attention", "multimodal_transformer")
@@ -60,9 +52,8 @@ class ConcatFusion(nn.Module):
         self.out_dim = dim
         self.mlp = nn.Sequential(nn.Linear(vision_dim + text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
-                img_index: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mlp(torch.cat([_rows(img_tokens[:, 0], img_index), txt_tokens[:, 0]], dim=-1))
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([img_tokens[:, 0], txt_tokens[:, 0]], dim=-1))
 
 
 class GatedFusion(nn.Module):
@@ -76,15 +67,13 @@ class GatedFusion(nn.Module):
         # The gate sees both inputs: whether to trust the image or the text for a feature can depend on either.
         self.gate = nn.Linear(vision_dim + text_dim, dim)
 
-    def gate_values(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor,
-                    img_index: torch.Tensor | None = None) -> torch.Tensor:
+    def gate_values(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor) -> torch.Tensor:
         """The mixing weights z (B, dim): 1 takes the image feature, 0 the text feature."""
-        return torch.sigmoid(self.gate(torch.cat([_rows(img_tokens[:, 0], img_index), txt_tokens[:, 0]], dim=-1)))
+        return torch.sigmoid(self.gate(torch.cat([img_tokens[:, 0], txt_tokens[:, 0]], dim=-1)))
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
-                img_index: torch.Tensor | None = None) -> torch.Tensor:
-        z = self.gate_values(img_tokens, txt_tokens, img_index)
-        h_img = torch.tanh(self.img(_rows(img_tokens[:, 0], img_index)))
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        z = self.gate_values(img_tokens, txt_tokens)
+        h_img = torch.tanh(self.img(img_tokens[:, 0]))
         h_txt = torch.tanh(self.txt(txt_tokens[:, 0]))
         return z * h_img + (1 - z) * h_txt
 
@@ -112,14 +101,12 @@ class CrossAttentionFusion(nn.Module):
         # Models saved before ``layers`` existed hold block 0's weights at the top level (attn, norm1, ...).
         self.register_load_state_dict_pre_hook(_nest_single_block)
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
-                img_index: torch.Tensor | None = None) -> torch.Tensor:
-        img_tokens, img_index = _used(img_tokens, img_index)
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
         h = self.q(txt_tokens)
-        kv = self.kv(img_tokens)  # per image
+        kv = self.kv(img_tokens)
         pad = txt_mask == 0  # True = padding, ignored as a key of the text self-attention
         for block in self.layers:
-            h = block(h, kv, pad, img_index)
+            h = block(h, kv, pad)
         return h[:, 0]
 
 
@@ -136,31 +123,11 @@ class _CrossBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, h: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor,
-                img_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         if self.self_attn is not None:
             h = self.norm0(h + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
-        h = self.norm1(h + self._cross(h, kv, img_index))
+        h = self.norm1(h + self.attn(h, kv, kv, need_weights=False)[0])
         return self.norm2(h + self.ff(h))
-
-    def _cross(self, h: torch.Tensor, kv: torch.Tensor, img_index: torch.Tensor | None) -> torch.Tensor:
-        """``self.attn(h, kv, kv)`` with the keys and values projected once per image, then gathered per row.
-        The same weights as ``nn.MultiheadAttention`` (packed in-projection, out-projection), so saved models load;
-        image tokens are never padded, so no mask."""
-        a = self.attn
-        if img_index is None:
-            return a(h, kv, kv, need_weights=False)[0]
-        d, heads = h.shape[-1], a.num_heads
-        w_q, w_k, w_v = a.in_proj_weight.split(d)
-        b_q, b_k, b_v = a.in_proj_bias.split(d)
-        k, v = _rows(F.linear(kv, w_k, b_k), img_index), _rows(F.linear(kv, w_v, b_v), img_index)
-
-        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, d) -> (B, heads, N, d / heads)
-            return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(F.linear(h, w_q, b_q)), split(k), split(v),
-                                             dropout_p=a.dropout if self.training else 0.0)
-        return a.out_proj(out.transpose(1, 2).flatten(2))
 
 
 def _nest_single_block(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -191,33 +158,17 @@ class MultimodalTransformerFusion(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
-                img_index: torch.Tensor | None = None) -> torch.Tensor:
-        img_tokens, img_index = _used(img_tokens, img_index)
-        # Every layer mixes image and text tokens, so only the input projection can be shared per image.
-        b, ni = txt_tokens.shape[0], img_tokens.shape[1]
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+        b, ni = img_tokens.shape[:2]
         x = torch.cat([
             self.cls.expand(b, -1, -1),
-            _rows(self.img_proj(img_tokens), img_index) + self.type_emb[0],
+            self.img_proj(img_tokens) + self.type_emb[0],
             self.txt_proj(txt_tokens) + self.type_emb[1],
         ], dim=1)
         # True = ignored as a key. The fusion [CLS] and the image tokens are never masked, so no row is all-masked.
         pad = torch.cat([torch.zeros(b, 1 + ni, dtype=torch.bool, device=x.device), txt_mask == 0], dim=1)
         h = self.encoder(x, src_key_padding_mask=pad)
         return self.norm(h[:, 0])
-
-
-def _used(img_tokens: torch.Tensor, img_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Only the images some pair uses, and the index into them: never more image work than one per pair."""
-    if img_index is None:
-        return img_tokens, None
-    used, index = torch.unique(img_index, return_inverse=True)
-    return img_tokens[used], index
-
-
-def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Per-image ``x`` gathered per pair (``index``), or ``x`` itself when pairs and images coincide."""
-    return x if index is None else x[index]
 
 
 FUSIONS: dict[str, type[nn.Module]] = {

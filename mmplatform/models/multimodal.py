@@ -257,20 +257,15 @@ class MultimodalModel(nn.Module):
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.embed_text_tokens(self.text_tokens(ids, mask), mask)
 
-    def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor,
-                   img_index: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 2) match scores of caption ``i`` with image ``i``, or with image ``img_index[i]`` (the fusion
-        then projects each image once, however many captions it is paired with)."""
-        return self.itm_head(self.fusion(img_tokens, txt_tokens, mask, img_index))
+    def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(self.fusion(img_tokens, txt_tokens, mask))
 
     # ------------------------------------------------------------------ VQA and MLM heads
-    def vqa_logits(self, img_tokens: torch.Tensor, q_tokens: torch.Tensor, q_mask: torch.Tensor,
-                   img_index: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, n_answers) answer scores from the fused (image, question) pair; question ``i`` is about image
-        ``i``, or about image ``img_index[i]``."""
+    def vqa_logits(self, img_tokens: torch.Tensor, q_tokens: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_answers) answer scores from the fused (image, question) pair."""
         if self.vqa_head is None:
             raise ValueError("this model has no VQA head (it was trained without VQA answers)")
-        return self.vqa_head(self.fusion(img_tokens, q_tokens, q_mask, img_index))
+        return self.vqa_head(self.fusion(img_tokens, q_tokens, q_mask))
 
     @torch.no_grad()
     def answer_questions(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:

@@ -108,11 +108,10 @@ def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tens
         sim = img @ txt.T
         neg_txt = sample_hard_negatives(sim, gen)[:b]      # a hard caption for each image
         neg_img = sample_hard_negatives(sim.T, gen)[:b]    # a hard image for each caption
-        anchors = torch.arange(b, device=img_tok.device)
-        pair_img = torch.cat([anchors, anchors, neg_img])  # positives, hard captions, hard images
+        fused_img = torch.cat([img_tok[:b], img_tok[:b], img_tok[neg_img]])
         fused_txt = torch.cat([txt_tok[:b], txt_tok[neg_txt], txt_tok[:b]])
         fused_mask = torch.cat([mask[:b], mask[neg_txt], mask[:b]])
-        logits = model.itm_logits(img_tok, fused_txt, fused_mask, img_index=pair_img)
+        logits = model.itm_logits(fused_img, fused_txt, fused_mask)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
         losses["itm"] = torch.nn.functional.cross_entropy(logits, labels)
     if weights.captioning > 0:
@@ -142,7 +141,7 @@ def vqa_term(model: MultimodalModel, img_tok: torch.Tensor, batch: VQABatch) -> 
         # No question in this batch: a zero that still reaches the head, so every data-parallel worker
         # all-reduces the same set of gradients.
         return sum(q.sum() for q in head.parameters()) * 0.0
-    logits = model.vqa_logits(img_tok, model.text_tokens(batch.ids, batch.mask), batch.mask, img_index=batch.pos)
+    logits = model.vqa_logits(img_tok[batch.pos], model.text_tokens(batch.ids, batch.mask), batch.mask)
     targets = F.one_hot(batch.label.clamp(min=0), logits.shape[1]).float() * (batch.label >= 0)[:, None]
     return vqa_loss(logits, targets)
 
