@@ -112,7 +112,7 @@ def run_steps(s: dict[str, Any], steps: int, warmup: int, run_id: str | None,
         if step == 0:
             perm = torch.randperm(s["n"], generator=generator(p.seed, epoch, 0, PERMUTATION))
         idx = perm[step * batch:(step + 1) * batch]
-        cap, vqa = global_draws(data, idx, p.seed, epoch, step)
+        cap, vqa = global_draws(data, idx, p.seed, epoch, step, p.vqa_questions_per_image)
         micro = [rows_of(data, idx, cap, vqa, j * micro_batch, (j + 1) * micro_batch) for j in range(p.accum_steps)]
         gens = [generator(p.seed, epoch, step, LOSS, 0, j) for j in range(p.accum_steps)]
         t_ready = time.perf_counter()
