@@ -187,7 +187,7 @@ class LossWeights(_Section):
 
 class TrainParams(_Section):
     seed: int = 0
-    epochs: int = Field(30, ge=1, description="the most epochs; early stopping usually ends sooner")
+    epochs: int = Field(60, ge=1, description="the most epochs; early stopping ends sooner on a plateau")
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
