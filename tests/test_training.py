@@ -3,6 +3,8 @@ for each head alone; the VQA batches; models saved before the optional heads exi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -145,19 +147,39 @@ def test_generate_agrees_with_teacher_forced_logprobs_and_roundtrips(tiny_data, 
 # pretrained encoders. So its test starts from a contrastive warm-up and trains on the triplet loss alone.
 # ITM too: its negatives are mined from the contrastive similarities (ALBEF), which mean nothing before the
 # embeddings separate (from scratch it stays at its prior, 0.6365, for 100 steps); and the fusion reads the
-# text [CLS], which the mean-pooled contrastive warm-up does not train, so ITM gets 150 steps (the two-block
-# fusion sits near 0.51 from step 50 to 120, then falls to ~0.40 by step 140; first loss 0.64).
+# text [CLS], which the mean-pooled contrastive warm-up does not train. Its escape from the prior is chaotic:
+# at lr 2e-3 and 150 steps the mean of the last 5 ranged 0.44-0.64 over seeds, thread counts and CPU kernels
+# (ATEN_CPU_CAPABILITY avx512/avx2/default), and CI's CPU failed a 0.8 x first-loss bound at 0.54. At lr 1e-3
+# and 200 steps it left the prior in all 10 of those runs: mean of the last 20 0.25-0.56, pair AUC 0.77-0.97.
+# So ITM is held to its prior, not its (noisy, 0.64-0.87) first loss, and to ranking its pairs.
 # Measured margins (mean of the last 5 / first, at 1 and 2 threads): triplet 0.73.
 HEADS = {
     "contrastive": (("vision.", "text.", "img_proj", "txt_proj", "logit_scale"), 80, 2e-3, 0.8),
     "triplet": (("vision.", "text.", "img_proj", "txt_proj"), 25, 5e-4, 0.85),
-    "itm": (("vision.", "text.", "fusion.", "itm_head."), 150, 2e-3, 0.8),
+    "itm": (("vision.", "text.", "fusion.", "itm_head."), 200, 1e-3, 0.95),
     "captioning": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
     "mlm": (("vision.", "text.", "mlm_head."), 25, 2e-3, 0.8),
     "vqa": (("vision.", "text.", "fusion.", "vqa_head."), 25, 2e-3, 0.8),
     "vqa_generative": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
 }
 WARM_UP = {"triplet": ("contrastive", 120), "itm": ("contrastive", 120)}
+# the ITM loss of a head that predicts the share of matches (1 in 3): the entropy of Bernoulli(1/3)
+ITM_PRIOR = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
+
+
+@torch.no_grad()
+def itm_pair_auc(model, images, ids, mask) -> float:
+    """How often a matching pair scores above a mismatched one sharing its image or its caption: over all
+    n x n (image, caption) pairs of the batch, 0.5 for a head that cannot tell them apart."""
+    model.eval()
+    img_tok, txt_tok = model.image_tokens(images), model.text_tokens(ids, mask)
+    n = len(images)
+    i, j = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+    score = model.itm_logits(img_tok[i], txt_tok[j], mask[j]).log_softmax(-1)[:, 1].view(n, n)
+    model.train()
+    off = ~torch.eye(n, dtype=torch.bool)
+    pos = score.diag()
+    return float(torch.cat([(pos[:, None] > score)[off], (pos[None, :] > score)[off]]).float().mean())
 
 
 @pytest.mark.parametrize("head", list(HEADS))
@@ -198,8 +220,12 @@ def test_each_head_alone_lowers_its_loss_and_trains_its_weights_and_the_encoders
     before = {n: q.detach().clone() for n, q in model.named_parameters()}
     groups, steps, lr, share = HEADS[head]
     losses = train(p.loss_weights, head, steps, lr)
-    # the mean of the last 5 steps: ITM draws fresh negatives each step, so one step's loss is noisy
-    assert sum(losses[-5:]) / 5 < share * losses[0], losses
+    if head == "itm":
+        # fresh negatives each step make one step's loss noisy: the mean of the last 20
+        assert sum(losses[-20:]) / 20 < share * ITM_PRIOR, losses
+        assert itm_pair_auc(model, images, ids, mask) > 0.7
+    else:
+        assert sum(losses[-5:]) / 5 < share * losses[0], losses
     for group in groups:
         changed = [n for n, q in model.named_parameters() if n.startswith(group) and not torch.equal(q, before[n])]
         assert changed, f"{head}: no parameter of {group} changed"
