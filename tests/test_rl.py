@@ -263,8 +263,21 @@ def test_rl_finetune_stage_runs_ppo_in_ray_local_mode(tmp_path, monkeypatch, sin
     assert (tmp_path / "reports/rl/history.csv").is_file()
     logged = run.data.metrics
     for key in ("rl/value_loss", "rl/explained_variance", "rl/kl_coef", "rl/episodes_per_s", "rl/heldout_reward",
-                "rl/heldout_reward_cider_d", "within_kl_bound", "heldout_reward_selected"):
+                "rl/heldout_reward_cider_d", "rl/heldout_gain_sem", "within_kl_bound", "heldout_reward_selected",
+                "heldout_gain_sem"):
         assert key in logged, key
+    assert summary["heldout_items"] == 8 and summary["heldout_gain_sem"] >= 0
+
+
+def test_paired_sem_known_values():
+    """The standard error of a held-out gain: of the per-item differences, so the items' own spread cancels."""
+    from mmplatform.rl.rollout import paired_sem
+
+    # differences 1, 0, 1, 0: sample std sqrt(1/3), over sqrt(4) items
+    assert paired_sem([2, 2, 4, 4], [1, 2, 3, 4]) == pytest.approx((1 / 3) ** 0.5 / 2)
+    # every item up by the same amount: no doubt about the gain, however different the items
+    assert paired_sem([1.5, 10.5, 100.5], [1, 10, 100]) == pytest.approx(0.0)
+    assert paired_sem([3.0], [1.0]) == 0.0
 
 
 @pytest.mark.slow
