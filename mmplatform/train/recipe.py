@@ -458,17 +458,24 @@ def training_summary(history: list[dict], p: TrainParams) -> dict[str, Any]:
     the epochs run, and whether it stopped on a plateau (patience ran out) or at ``epochs``."""
     if not history:
         return {"epochs_run": 0}
-    values = [h[p.early_stopping_metric] for h in history]
-    best_epoch = history[int(np.argmin(values))]["epoch"]
-    last = history[-1]["epoch"]
+    monitored = loss_plateau(history, p.early_stopping_metric, p.early_stopping_patience)
     return {"epochs_run": len(history), "max_epochs": p.epochs, "metric": p.early_stopping_metric,
-            "patience": p.early_stopping_patience, "best_epoch": best_epoch, "best_value": float(min(values)),
-            "last_value": float(values[-1]), "weights": "best" if p.early_stopping_patience else "last",
-            "plateau": bool(p.early_stopping_patience and last - best_epoch >= p.early_stopping_patience),
+            "patience": p.early_stopping_patience, **monitored,
+            "last_value": float(history[-1][p.early_stopping_metric]),
+            "weights": "best" if p.early_stopping_patience else "last",
             "val_losses": val_loss_plateaus(history, p.early_stopping_patience or DEFAULT_PATIENCE)}
 
 
 DEFAULT_PATIENCE = 3  # what "stopped improving" means for the per-loss records when early stopping is off
+
+
+def loss_plateau(history: list[dict], key: str, patience: int) -> dict[str, Any]:
+    """``key``'s best (first lowest) epoch and value, and whether ``patience`` epochs have passed since without
+    a new minimum (never with patience 0: nothing is watched)."""
+    rows = [h for h in history if h.get(key) is not None]
+    best = min(rows, key=lambda h: h[key])
+    return {"best_epoch": best["epoch"], "best_value": float(best[key]),
+            "plateau": bool(patience) and history[-1]["epoch"] - best["epoch"] >= patience}
 
 
 def val_loss_plateaus(history: list[dict], patience: int) -> dict[str, dict[str, Any]]:
@@ -476,14 +483,8 @@ def val_loss_plateaus(history: list[dict], patience: int) -> dict[str, dict[str,
     without a new minimum. The run stops on one metric (``val_total``), but each head plateaus at its own time:
     the captioner's loss (what RL starts from) can stop improving while VQA is still learning, and that
     is worth recording rather than stopping for."""
-    out: dict[str, dict[str, Any]] = {}
-    last = history[-1]["epoch"]
-    for key in [k for k in history[-1] if k.startswith("val_") and k != "val_total" and "recall" not in k]:
-        rows = [h for h in history if h.get(key) is not None]
-        best = min(rows, key=lambda h: h[key])
-        out[key] = {"best_epoch": best["epoch"], "best_value": float(best[key]),
-                    "plateau": last - best["epoch"] >= patience}
-    return out
+    return {key: loss_plateau(history, key, patience)
+            for key in history[-1] if key.startswith("val_") and key != "val_total" and "recall" not in key}
 
 
 def epoch_means(step_log: list[dict], epoch: int) -> dict[str, float]:
