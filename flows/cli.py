@@ -380,6 +380,45 @@ def study_fusion(
     typer.echo(json.dumps(result["summary"], indent=2))
 
 
+@study_app.command("ceiling")
+def study_ceiling(
+        split: Annotated[str, typer.Option(help="split of data/processed/clean to score")] = "test",
+        images: Annotated[int, typer.Option(help="its first N images (0: all)")] = 0,
+        df: Annotated[str, typer.Option(help="document frequencies: 'split' (the evaluate stage's) or 'train' "
+                                             "(the RL reward's)")] = "split",
+        model: Annotated[Path | None, typer.Option(help="model whose greedy captions are the start "
+                                                       "(default: models/base when there)")] = None,
+        search: Annotated[bool, typer.Option(help="run the per-image local search (slowest part)")] = True,
+        workdir: Annotated[Path, typer.Option(help="DVC workspace with data/processed/clean")] = Path("."),
+        out: Annotated[Path, typer.Option(help="where ceiling.json / .md go")] = Path("reports/rl_study")) -> None:
+    """How far can CIDEr-D go on these references? Upper-bound estimates (best reference, best wording, a
+    per-image local search) beside the model's greedy score, and what a +5 % or +9 % RL target needs.
+    The RL held-out set: --split val --images 200 --df train."""
+    from rich.progress import Progress
+
+    from mmplatform.evaluate.ceiling import ceiling_study
+
+    wd = workdir.resolve()
+    data = wd / "data/processed/clean"
+    if not (data / "manifest.json").is_file():
+        _fail(f"{data}: no dataset here; run `mmp run` (or `dvc repro clean`) first")
+    if df not in ("split", "train"):
+        _fail(f"--df {df!r}: expected 'split' or 'train'")
+    if model is None and (wd / "models/base/model_config.json").is_file():
+        model = wd / "models/base"
+    if model is not None and not (model / "model_config.json").is_file():
+        _fail(f"{model}: no trained model here")
+    with Progress(transient=True) as bar:
+        task = bar.add_task("local search", total=None)
+        try:
+            result = ceiling_study(data, wd / out if not out.is_absolute() else out, split=split, images=images,
+                                   df=df, model_dir=model, search=search,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except ValueError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "template_means"}, indent=2))
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -215,17 +215,23 @@ _TEMPLATES: tuple[Callable[[dict[str, list[str]], int], str], ...] = (
 MAX_CAPTIONS = len(_TEMPLATES)
 
 
+def template_captions(objects: Sequence[Obj]) -> list[str]:
+    """The scene written in each of the generator's wordings, in ``_TEMPLATES`` order (the reading-order
+    caption first); what a captioner that knows the scene but not which wordings were drawn can write."""
+    orders = _orders(objects)
+    return [t(orders, len(objects)) for t in _TEMPLATES]
+
+
 def make_captions(objects: Sequence[Obj], n: int, rng: np.random.Generator) -> list[str]:
     """``n`` differently worded captions; the first is always the plain reading-order description."""
     if not 1 <= n <= MAX_CAPTIONS:
         raise ValueError(f"captions_per_image must be in 1..{MAX_CAPTIONS}, got {n}")
-    orders = _orders(objects)
-    pool = [t(orders, len(objects)) for t in _TEMPLATES[1:]]
+    first, *pool = template_captions(objects)
     if len(objects) == 2:
         a, b = sorted(objects, key=_cell_index)
         pool.append(f"{_phrase(a)}, {_relation(a, b)} {_phrase(b)}")
     picks = rng.permutation(len(pool))[: n - 1]
-    return [_TEMPLATES[0](orders, len(objects))] + [pool[int(i)] for i in picks]
+    return [first] + [pool[int(i)] for i in picks]
 
 
 # ----------------------------------------------------------------------------- VQA

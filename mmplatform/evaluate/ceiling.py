@@ -1,0 +1,182 @@
+"""How far can CIDEr-D go on a set of references? Upper-bound estimates that say, before any RL is run, whether
+a target gain over a cross-entropy model is reachable at all.
+
+SCST's +9 % on COCO (Rennie et al. 2017, arXiv:1612.00563) came from references that disagree: five human
+captions per image, each in its own words, while a cross-entropy model writes the most likely wording. When the
+references are close to one caption (templated data) the cross-entropy model is already near their consensus
+and the room RL has is what these estimates measure:
+
+- ``best_reference``: per image, the best of its own references scored against all of them (itself included):
+  what a policy that wrote, for every image, the one reference wording the others agree with most would score;
+- ``local_search``: per image, a hill climb from each reference over one-word edits (delete one or two adjacent
+  words, substitute or insert a word of the image's references) until no edit raises CIDEr-D. It reads the
+  references, so no policy can expect to beat it; it is an estimate of the maximum, not a proof (a climb can stop
+  at a local optimum), and it is reported as such;
+- for the synthetic generator's records, ``best_template`` (the one wording that scores best over all images,
+  written correctly for each: the best a policy that cannot see the references can do with the generator's
+  wordings) and ``best_template_per_image``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from mmplatform.evaluate.captions import CiderD, tokenize
+
+
+def _edits(words: list[str], vocab: Sequence[str]) -> list[list[str]]:
+    """Every caption one edit away: delete one word or two adjacent words, substitute or insert a word."""
+    out: list[list[str]] = []
+    n = len(words)
+    for p in range(n):
+        out.append(words[:p] + words[p + 1:])
+        if p + 1 < n:
+            out.append(words[:p] + words[p + 2:])
+        out.extend(words[:p] + [w] + words[p + 1:] for w in vocab if w != words[p])
+    for p in range(n + 1):
+        out.extend(words[:p] + [w] + words[p:] for w in vocab)
+    return [c for c in out if c]
+
+
+def climb(scorer: CiderD, refs: Sequence[str], start: str, max_rounds: int = 100) -> tuple[str, float]:
+    """Hill climb from ``start`` over :func:`_edits` with words of ``refs``, taking the best edit each round,
+    until none raises the score (or ``max_rounds``). Returns the caption and its CIDEr-D."""
+    vocab = sorted({w for r in refs for w in tokenize(r)})
+    words = tokenize(start)
+    score = float(scorer.score([" ".join(words)], [refs])[0])
+    for _ in range(max_rounds):
+        cands = _edits(words, vocab)
+        values = scorer.score([" ".join(c) for c in cands], [refs] * len(cands))
+        j = int(np.argmax(values))
+        if values[j] <= score + 1e-9:
+            break
+        words, score = cands[j], float(values[j])
+    return " ".join(words), score
+
+
+def cider_ceiling(refs: Sequence[Sequence[str]], *, df_refs: Sequence[Sequence[str]] | None = None,
+                  objects: Sequence[Sequence[dict]] | None = None, search: bool = True,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Mean CIDEr-D of the upper-bound captions of each image of ``refs`` (see the module doc).
+
+    ``df_refs``: the document-frequency corpus (the RL reward's is the training captions; the evaluate
+    stage's is the scored split itself, the default). ``objects``: per image, the synthetic generator's objects
+    (``meta["objects"]``), to score its wordings too. ``progress(i)`` is called after each image's climb.
+    Returns the means, and per image the local-search caption and score (``per_image``)."""
+    refs = [list(r) for r in refs]
+    if not refs or any(not r for r in refs):
+        raise ValueError("cider_ceiling: every image needs at least one reference")
+    scorer = CiderD(df_corpus=df_refs if df_refs is not None else refs)
+    best_ref = np.array([scorer.score(r, [r] * len(r)).max() for r in refs])
+    out: dict[str, Any] = {"images": len(refs), "best_reference": float(best_ref.mean())}
+    if objects is not None:
+        from mmplatform.data.synthetic import template_captions
+
+        wordings = [template_captions(o) for o in objects]
+        k = len(wordings[0])
+        table = np.stack([scorer.score([w[t] for w in wordings], refs) for t in range(k)], axis=1)
+        means = table.mean(axis=0)
+        out["best_template"] = float(means.max())
+        out["best_template_index"] = int(means.argmax())
+        out["best_template_per_image"] = float(table.max(axis=1).mean())
+        out["template_means"] = [float(m) for m in means]
+    if search:
+        per_image = []
+        for i, r in enumerate(refs):
+            best = max((climb(scorer, r, s) for s in dict.fromkeys(r)), key=lambda cs: cs[1])
+            per_image.append({"caption": best[0], "cider_d": best[1]})
+            if progress is not None:
+                progress(i)
+        out["local_search"] = float(np.mean([p["cider_d"] for p in per_image]))
+        out["per_image"] = per_image
+    return out
+
+
+def headroom_table(ceiling: dict[str, Any], start: float, targets: Sequence[float] = (0.05, 0.09)) -> str:
+    """Markdown: each estimate's score and the gain over ``start`` it stands for, then what each target gain
+    needs; a target above ``local_search`` is out of reach on these references."""
+    rows = [("start (the model's greedy captions)", start)]
+    names = {"best_template": "best single wording of the generator, written correctly",
+             "best_template_per_image": "best wording per image (reads the references)",
+             "best_reference": "best own reference per image (reads the references)",
+             "local_search": "local search per image (reads the references; an estimate of the maximum)"}
+    rows += [(label, ceiling[key]) for key, label in names.items() if key in ceiling]
+    lines = ["| caption | CIDEr-D | gain over start |", "|---|---|---|"]
+    lines += [f"| {label} | {v:.3f} | {v / start - 1:+.1%} |" if start > 0 else f"| {label} | {v:.3f} | n/a |"
+              for label, v in rows]
+    top = ceiling.get("local_search", ceiling["best_reference"])
+    for t in targets:
+        need = start * (1 + t)
+        verdict = "above the local-search estimate" if need > top else "below the local-search estimate"
+        lines.append(f"| target +{t:.0%} | {need:.3f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def record_objects(records: Sequence[dict]) -> list[list[dict]] | None:
+    """The synthetic generator's objects of each record, or None when any record lacks them."""
+    out = []
+    for r in records:
+        meta = r.get("meta")
+        meta = json.loads(meta) if isinstance(meta, str) else (meta or {})
+        if not meta.get("objects"):
+            return None
+        out.append(meta["objects"])
+    return out
+
+
+def ceiling_study(data_dir, out_dir, *, split: str = "test", images: int = 0, df: str = "split",
+                  model_dir=None, max_length: int = 40, search: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """:func:`cider_ceiling` of a split of the clean dataset (its first ``images``, 0 = all; the RL held-out set
+    is ``split="val", images=heldout_images, df="train"``), beside the greedy captions of ``model_dir`` when given.
+    Writes ``ceiling.json`` (without the per-image captions, which go to ``ceiling_captions.jsonl``) and
+    ``ceiling.md`` to ``out_dir``. ``progress(done, total)`` follows the local search."""
+    from pathlib import Path
+
+    from mmplatform.data.dataset import read_dataset
+
+    if df not in ("split", "train"):
+        raise ValueError(f"df must be 'split' or 'train', got {df!r}")
+    recs = read_dataset(data_dir, split=split)
+    if not recs:
+        raise ValueError(f"{data_dir}: no {split!r} records")
+    # df from the whole split even when scoring its first images, so a subset estimates the full split's
+    # figures (the evaluate stage scores all of it at once).
+    df_refs = [list(r["captions"]) for r in (read_dataset(data_dir, split="train") if df == "train" else recs)]
+    recs = recs[:images] if images else recs
+    refs = [list(r["captions"]) for r in recs]
+    total = len(refs)
+    result = cider_ceiling(refs, df_refs=df_refs, objects=record_objects(recs), search=search,
+                           progress=(lambda i: progress(i + 1, total)) if progress else None)
+    result.update(split=split, df=df)
+    if model_dir is not None:
+        from mmplatform.models.captioning import greedy_captions
+        from mmplatform.models.multimodal import MultimodalModel
+        from mmplatform.models.tokenizer import load_tokenizer
+        from mmplatform.train.batches import decode_images
+
+        model = MultimodalModel.load(model_dir).eval()
+        caps = greedy_captions(model, load_tokenizer(Path(model_dir) / "tokenizer"),
+                               decode_images(recs, model.cfg.image_size), max_length)
+        result["model"] = str(model_dir)
+        result["model_cider_d"] = float(CiderD(df_corpus=df_refs).score(caps, refs).mean())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_image = result.pop("per_image", None)
+    if per_image is not None:
+        with open(out / "ceiling_captions.jsonl", "w") as f:
+            for r, p in zip(recs, per_image, strict=True):
+                f.write(json.dumps({"sample_id": r["sample_id"], **p}) + "\n")
+    (out / "ceiling.json").write_text(json.dumps(result, indent=2))
+    head = (f"CIDEr-D ceilings of {total} {split} images (document frequencies: "
+            f"{'the training captions' if df == 'train' else 'the split'}).\n\n")
+    start = result.get("model_cider_d")
+    body = headroom_table(result, start) if start else "\n".join(
+        f"- {k}: {result[k]:.3f}" for k in ("best_template", "best_template_per_image", "best_reference",
+                                            "local_search") if k in result)
+    (out / "ceiling.md").write_text(head + body + "\n")
+    return result
