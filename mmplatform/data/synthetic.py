@@ -216,10 +216,15 @@ MAX_CAPTIONS = len(_TEMPLATES)
 
 
 def template_captions(objects: Sequence[Obj]) -> list[str]:
-    """The scene written in each of the generator's wordings, in ``_TEMPLATES`` order (the reading-order
-    caption first); what a captioner that knows the scene but not which wordings were drawn can write."""
+    """The scene written in each of the generator's wordings: ``_TEMPLATES`` in order (the reading-order caption
+    first), then for two objects the relation caption; what a captioner that knows the scene but not which
+    wordings were drawn can write."""
     orders = _orders(objects)
-    return [t(orders, len(objects)) for t in _TEMPLATES]
+    out = [t(orders, len(objects)) for t in _TEMPLATES]
+    if len(objects) == 2:
+        a, b = sorted(objects, key=_cell_index)
+        out.append(f"{_phrase(a)}, {_relation(a, b)} {_phrase(b)}")
+    return out
 
 
 def make_captions(objects: Sequence[Obj], n: int, rng: np.random.Generator) -> list[str]:
@@ -227,9 +232,6 @@ def make_captions(objects: Sequence[Obj], n: int, rng: np.random.Generator) -> l
     if not 1 <= n <= MAX_CAPTIONS:
         raise ValueError(f"captions_per_image must be in 1..{MAX_CAPTIONS}, got {n}")
     first, *pool = template_captions(objects)
-    if len(objects) == 2:
-        a, b = sorted(objects, key=_cell_index)
-        pool.append(f"{_phrase(a)}, {_relation(a, b)} {_phrase(b)}")
     picks = rng.permutation(len(pool))[: n - 1]
     return [first] + [pool[int(i)] for i in picks]
 
