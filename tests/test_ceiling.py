@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from mmplatform.data.synthetic import generate_synthetic, template_captions
+from mmplatform.data.synthetic import (
+    _TEMPLATES,
+    generate_synthetic,
+    recombined_templates,
+    template_captions,
+    write_templates,
+)
 from mmplatform.evaluate.captions import CiderD
 from mmplatform.evaluate.ceiling import cider_ceiling, climb, headroom_table, record_objects
 
@@ -59,12 +65,17 @@ def test_generator_wordings_cover_its_captions_and_bound_them_per_image():
         assert len(wordings) == 10 + (len(objs) == 2)
     refs = [r["captions"] for r in recs]
     c = cider_ceiling(refs, objects=objects, search=False)
+    scorer = CiderD(df_corpus=refs)
     assert "local_search" not in c
     assert len(c["template_means"]) == 10
     assert c["best_template"] == pytest.approx(max(c["template_means"]))
     # Choosing per object count can only help, and per image (reading the references) more so.
     assert c["best_template_per_image"] >= c["best_template_by_count"] >= c["best_template"]
-    scorer = CiderD(df_corpus=refs)
+    # The recombinations include every template, so their best is at least the best template's.
+    assert set(_TEMPLATES) <= set(recombined_templates())
+    assert c["best_recombined_by_count"] >= c["best_recombined"] >= c["best_template"]
+    assert c["best_recombined"] == pytest.approx(
+        scorer.score([write_templates(o, [tuple(c["best_recombined_template"])])[0] for o in objects], refs).mean())
     first = scorer.score([r["captions"][0] for r in recs], refs).mean()
     assert c["template_means"][0] == pytest.approx(first)
     assert record_objects([{"meta": "{}"}]) is None
@@ -76,6 +87,11 @@ def test_headroom_table_says_which_targets_are_out_of_reach():
     assert "| local search per image (reads the references; an estimate of the maximum) | 8.680 | +8.5% |" in table
     assert "| target +5% | 8.400 | below the local-search estimate |" in table
     assert "| target +9% | 8.720 | above the local-search estimate |" in table
+    table = headroom_table({"best_reference": 8.6, "local_search": 8.68, "best_recombined_by_count": 8.5}, 8.0)
+    assert "| target +5% | 8.400 | below the local-search estimate; needs 80% of the way to the best recombination" \
+           " per object count |" in table
+    assert "| target +9% | 8.720 | above the local-search estimate; above every wording written without the" \
+           " references |" in table
 
 
 def test_study_ceiling_command_writes_its_report(tmp_path, capsys):

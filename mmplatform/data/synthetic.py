@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,28 +200,43 @@ def _orders(objs: Sequence[Obj]) -> dict[str, list[str]]:
 
 
 # Each template gives a different frame, so captions of one image always differ in wording; object order
-# varies too (reading order, reverse, by size, by column, by colour).
-_TEMPLATES: tuple[Callable[[dict[str, list[str]], int], str], ...] = (
-    lambda p, n: _and_list(p["reading"]),
-    lambda p, n: "there is " + _and_list(p["reverse"]),
-    lambda p, n: f"{_count_shapes(n)}: " + _and_list(p["reading"]),
-    lambda p, n: "an image with " + _comma_and_list(p["large_first"]),
-    lambda p, n: _and_list(p["large_first"]) + " on a dark background",
-    lambda p, n: "this picture shows " + _and_list(p["columns"]),
-    lambda p, n: f"{_count_shapes(n)} in total: " + _comma_and_list(p["columns"]),
-    lambda p, n: "a dark scene with " + _and_list(p["by_color"]),
-    lambda p, n: "a picture of " + _and_list(p["small_first"]),
-    lambda p, n: "the image contains " + _comma_and_list(p["reverse"]),
+# varies too (reading order, reverse, by size, by column, by colour). A template is (frame before, object
+# order, list style, frame after); "{count}" in a frame becomes "two shapes" and so on.
+Template = tuple[str, str, str, str]
+_TEMPLATES: tuple[Template, ...] = (
+    ("", "reading", "and", ""),
+    ("there is ", "reverse", "and", ""),
+    ("{count}: ", "reading", "and", ""),
+    ("an image with ", "large_first", "comma", ""),
+    ("", "large_first", "and", " on a dark background"),
+    ("this picture shows ", "columns", "and", ""),
+    ("{count} in total: ", "columns", "comma", ""),
+    ("a dark scene with ", "by_color", "and", ""),
+    ("a picture of ", "small_first", "and", ""),
+    ("the image contains ", "reverse", "comma", ""),
 )
 MAX_CAPTIONS = len(_TEMPLATES)
+
+
+def write_templates(objects: Sequence[Obj], templates: Sequence[Template]) -> list[str]:
+    """The scene written in each of ``templates``."""
+    orders, count = _orders(objects), _count_shapes(len(objects))
+    return [before.replace("{count}", count) + (_and_list if style == "and" else _comma_and_list)(orders[order])
+            + after for before, order, style, after in templates]
+
+
+def recombined_templates() -> list[Template]:
+    """Every template made of the generator's parts (each frame before, order, list style and frame after with
+    any other): the wordings a captioner could write by recombining what it was trained on."""
+    parts = [list(dict.fromkeys(t[i] for t in _TEMPLATES)) for i in range(4)]
+    return list(itertools.product(*parts))
 
 
 def template_captions(objects: Sequence[Obj]) -> list[str]:
     """The scene written in each of the generator's wordings: ``_TEMPLATES`` in order (the reading-order caption
     first), then for two objects the relation caption; what a captioner that knows the scene but not which
     wordings were drawn can write."""
-    orders = _orders(objects)
-    out = [t(orders, len(objects)) for t in _TEMPLATES]
+    out = write_templates(objects, _TEMPLATES)
     if len(objects) == 2:
         a, b = sorted(objects, key=_cell_index)
         out.append(f"{_phrase(a)}, {_relation(a, b)} {_phrase(b)}")
@@ -269,7 +285,7 @@ def make_questions(objects: Sequence[Obj], rng: np.random.Generator, *, composit
     no = shuffled([(f"is there a {c} {s}?", "no") for c in _COLOR_NAMES for s in SHAPES
                    if (c, s) not in cs_n and (compositional or (c, s) not in held)])
     first, second = (yes, no) if rng.random() < 0.5 else (no, yes)
-    exist = [q for pair in zip(first, second) for q in pair]
+    exist = [q for pair in zip(first, second, strict=False) for q in pair]
     exist += first[len(second):] + second[len(first):]
     pools["exist"] = exist
 
@@ -330,7 +346,7 @@ def _sample_objects(rng: np.random.Generator, cum: list[float], min_objects: int
     return [
         {"shape": SHAPES[s], "color": _COLOR_NAMES[c], "size": _SIZE_NAMES[z],
          "row": ROWS[cell // 3], "col": COLS[cell % 3]}
-        for cell, (c, s, z) in zip(cells, attrs.tolist())
+        for cell, (c, s, z) in zip(cells, attrs.tolist(), strict=False)
     ]
 
 
