@@ -134,11 +134,12 @@ def headroom_table(ceiling: dict[str, Any], start: float, targets: Sequence[floa
     lines = ["| caption | CIDEr-D | gain over start |", "|---|---|---|"]
     lines += [f"| {label} | {v:.3f} | {v / start - 1:+.1%} |" if start > 0 else f"| {label} | {v:.3f} | n/a |"
               for label, v in rows]
-    top = ceiling.get("local_search", ceiling["best_reference"])
+    top, what = ((ceiling["local_search"], "the local-search estimate") if "local_search" in ceiling
+                 else (ceiling["best_reference"], "the best reference per image"))
     blind = ceiling.get("best_recombined_by_count")
     for t in targets:
         need = start * (1 + t)
-        verdict = "above the local-search estimate" if need > top else "below the local-search estimate"
+        verdict = f"{'above' if need > top else 'below'} {what}"
         if blind is not None:
             verdict += (f"; needs {(need - start) / (blind - start):.0%} of the way to the best recombination per "
                         "object count" if blind > need else "; above every wording written without the references")
