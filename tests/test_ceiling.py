@@ -113,3 +113,18 @@ def test_study_ceiling_command_writes_its_report(tmp_path, capsys):
     assert main(["study", "ceiling", "--workdir", str(tmp_path), "--df", "nope"]) == 2
     assert "--df 'nope'" in capsys.readouterr().err
     assert main(["study", "ceiling", "--workdir", str(tmp_path / "missing")]) == 2
+
+
+def test_heldout_ceiling_is_in_the_reward_units_and_only_for_cider_d_alone(tmp_path):
+    from mmplatform.data.dataset import write_dataset
+    from mmplatform.evaluate.ceiling import heldout_ceiling
+
+    recs = generate_synthetic(seed=1, n_train=20, n_val=6, n_test=0, n_test_compositional=0, max_objects=2)
+    write_dataset(tmp_path, recs, stage="clean")
+    val = [r for r in recs if r["split"] == "val"][:5]
+    train = [r["captions"] for r in recs if r["split"] == "train"]
+    c = cider_ceiling([r["captions"] for r in val], df_refs=train, objects=record_objects(val), search=False)
+    got = heldout_ceiling(tmp_path, 5, {"cider_d": 0.5})
+    assert got == pytest.approx({"heldout_ceiling_reference": 0.5 * c["best_reference"],
+                                 "heldout_ceiling_blind": 0.5 * c["best_recombined_by_count"]})
+    assert heldout_ceiling(tmp_path, 5, {"cider_d": 1.0, "length_penalty": 0.1}) == {}

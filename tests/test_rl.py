@@ -267,6 +267,17 @@ def test_rl_finetune_stage_runs_ppo_in_ray_local_mode(tmp_path, monkeypatch, sin
                 "heldout_gain_sem"):
         assert key in logged, key
     assert summary["heldout_items"] == 8 and summary["heldout_gain_sem"] >= 0
+    # The room the policy had: the held-out set's best blind wording, and the share of the way it went.
+    from mmplatform.evaluate.ceiling import cider_ceiling, record_objects
+
+    val = [r for r in single_shape_task["records"] if r["split"] == "val"][:8]
+    train = [r["captions"] for r in single_shape_task["records"] if r["split"] == "train"]
+    c = cider_ceiling([r["captions"] for r in val], df_refs=train, objects=record_objects(val), search=False)
+    assert summary["heldout_ceiling_blind"] == pytest.approx(c["best_recombined_by_count"])
+    assert summary["heldout_ceiling_reference"] == pytest.approx(c["best_reference"])
+    start, sel = summary["heldout_reward_start"], summary["heldout_reward_selected"]
+    assert summary["heldout_headroom_used"] == pytest.approx((sel - start) / (c["best_recombined_by_count"] - start))
+    assert logged["heldout_headroom_used"] == pytest.approx(summary["heldout_headroom_used"])
 
 
 def test_paired_sem_known_values():

@@ -159,6 +159,40 @@ def record_objects(records: Sequence[dict]) -> list[list[dict]] | None:
     return out
 
 
+def _split_refs(data_dir, split: str, images: int, df: str
+                ) -> tuple[list[dict], list[list[str]], list[list[str]]]:
+    """The first ``images`` records of ``split`` (0 = all), their references, and the df corpus: the training
+    captions (``df="train"``, the RL reward's) or the whole split (``"split"``, even when scoring its first
+    images, so a subset estimates the figures of the evaluate stage, which scores all of it at once)."""
+    from mmplatform.data.dataset import read_dataset
+
+    if df not in ("split", "train"):
+        raise ValueError(f"df must be 'split' or 'train', got {df!r}")
+    cols = ["sample_id", "captions", "meta", "split"]  # not the image bytes
+    recs = read_dataset(data_dir, columns=cols, split=split)
+    if not recs:
+        raise ValueError(f"{data_dir}: no {split!r} records")
+    df_recs = read_dataset(data_dir, columns=["captions", "split"], split="train") if df == "train" else recs
+    df_refs = [list(r["captions"]) for r in df_recs]
+    recs = recs[:images] if images else recs
+    return recs, [list(r["captions"]) for r in recs], df_refs
+
+
+def heldout_ceiling(data_dir, heldout_images: int, reward: dict[str, float]) -> dict[str, float]:
+    """The cheap ceilings (no local search) of the RL stage's held-out set, in the reward's units: the best own
+    reference per image and, for the synthetic generator's records, the best wording a reference-blind policy
+    can write (``best_recombined_by_count``). Empty unless the reward is CIDEr-D alone."""
+    if set(reward) != {"cider_d"}:
+        return {}
+    recs, refs, df_refs = _split_refs(data_dir, "val", heldout_images, "train")
+    c = cider_ceiling(refs, df_refs=df_refs, objects=record_objects(recs), search=False)
+    w = reward["cider_d"]
+    out = {"heldout_ceiling_reference": w * c["best_reference"]}
+    if "best_recombined_by_count" in c:
+        out["heldout_ceiling_blind"] = w * c["best_recombined_by_count"]
+    return out
+
+
 def ceiling_study(data_dir, out_dir, *, split: str = "test", images: int = 0, df: str = "split",
                   model_dir=None, max_length: int = 40, search: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -168,23 +202,13 @@ def ceiling_study(data_dir, out_dir, *, split: str = "test", images: int = 0, df
     ``ceiling.md`` to ``out_dir``. ``progress(done, total)`` follows the local search."""
     from pathlib import Path
 
-    from mmplatform.data.dataset import read_dataset
-
-    if df not in ("split", "train"):
-        raise ValueError(f"df must be 'split' or 'train', got {df!r}")
-    recs = read_dataset(data_dir, split=split)
-    if not recs:
-        raise ValueError(f"{data_dir}: no {split!r} records")
-    # df from the whole split even when scoring its first images, so a subset estimates the full split's
-    # figures (the evaluate stage scores all of it at once).
-    df_refs = [list(r["captions"]) for r in (read_dataset(data_dir, split="train") if df == "train" else recs)]
-    recs = recs[:images] if images else recs
-    refs = [list(r["captions"]) for r in recs]
+    recs, refs, df_refs = _split_refs(data_dir, split, images, df)
     total = len(refs)
     result = cider_ceiling(refs, df_refs=df_refs, objects=record_objects(recs), search=search,
                            progress=(lambda i: progress(i + 1, total)) if progress else None)
     result.update(split=split, df=df)
     if model_dir is not None:
+        from mmplatform.data.dataset import read_dataset
         from mmplatform.models.captioning import greedy_captions
         from mmplatform.models.multimodal import MultimodalModel
         from mmplatform.models.tokenizer import load_tokenizer
@@ -192,7 +216,8 @@ def ceiling_study(data_dir, out_dir, *, split: str = "test", images: int = 0, df
 
         model = MultimodalModel.load(model_dir).eval()
         caps = greedy_captions(model, load_tokenizer(Path(model_dir) / "tokenizer"),
-                               decode_images(recs, model.cfg.image_size), max_length)
+                               decode_images(read_dataset(data_dir, columns=["image", "split"], split=split)[:total],
+                                             model.cfg.image_size), max_length)
         result["model"] = str(model_dir)
         result["model_cider_d"] = float(CiderD(df_corpus=df_refs).score(caps, refs).mean())
     out = Path(out_dir)

@@ -451,10 +451,33 @@ def run_rl(loop_per_worker: Callable[[dict], None], cfg, *, base_dir: str | Path
     run_workers(loop_per_worker, config, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                 storage_path=Path(cache_dir) / "ray", name="rl_finetune")
     summary = read_summary(out_dir)
+    if cfg.task == "captioning" and summary:
+        add_headroom(summary, data_dir, cfg)
+        (Path(out_dir) / "rl_summary.json").write_text(json.dumps(summary, indent=2))
     if summary.get("within_kl_bound") is False:
         log.warning("%s: the selected policy's KL to the reference (%.4f nats/token) exceeds kl_bound %.4f",
                     cfg.algorithm, summary["kl_to_reference_selected"], summary["kl_bound"])
     return json.loads((Path(out_dir) / "rl_history.json").read_text())
+
+
+def add_headroom(summary: dict[str, Any], data_dir: str | Path, cfg) -> None:
+    """How much of the room above the start the selected policy used: the held-out set's best blind wording
+    (synthetic data) or best own reference per image (``mmplatform.evaluate.ceiling``), and the share of the
+    way to it. A gain target above the ceiling cannot be met by any policy; one near it asks for perfection."""
+    from mmplatform.evaluate.ceiling import heldout_ceiling
+
+    ceiling = heldout_ceiling(data_dir, cfg.heldout_images, cfg.reward)
+    if not ceiling:
+        return
+    summary.update(ceiling)
+    top = ceiling.get("heldout_ceiling_blind", ceiling["heldout_ceiling_reference"])
+    room = top - summary["heldout_reward_start"]
+    if room > 0:
+        summary["heldout_headroom_used"] = (summary["heldout_reward_selected"] - summary["heldout_reward_start"]) / room
+        log.info("held-out reward %.4f -> %.4f: %.0f%% of the way to %.4f, the %s", summary["heldout_reward_start"],
+                 summary["heldout_reward_selected"], 100 * summary["heldout_headroom_used"], top,
+                 "best wording a policy can write without the references" if "heldout_ceiling_blind" in ceiling
+                 else "best own reference per image")
 
 
 def read_summary(out_dir: str | Path) -> dict[str, Any]:
