@@ -68,9 +68,8 @@ def _wording_ceilings(scorer: CiderD, refs: list[list[str]], objects: Sequence[S
 
     counts = np.array([len(o) for o in objects])
 
-    def table(templates) -> np.ndarray:  # images x templates
-        caps = [write_templates(o, templates) for o in objects]
-        return np.stack([scorer.score([c[t] for c in caps], refs) for t in range(len(templates))], axis=1)
+    def table(captions: list[list[str]]) -> np.ndarray:  # images x wordings (as many for every image)
+        return np.stack([scorer.score([c[t] for c in captions], refs) for t in range(len(captions[0]))], axis=1)
 
     def by_count(t: np.ndarray) -> float:
         # A captioner sees the scene, so it can pick a wording per object count without reading references.
@@ -79,10 +78,10 @@ def _wording_ceilings(scorer: CiderD, refs: list[list[str]], objects: Sequence[S
 
     own = [template_captions(o) for o in objects]  # two-object scenes add the relation caption
     own_best = [scorer.score(w, [r] * len(w)).max() for w, r in zip(own, refs, strict=True)]
-    k = min(len(w) for w in own)
-    gen = np.stack([scorer.score([w[t] for w in own], refs) for t in range(k)], axis=1)
+    k = min(len(w) for w in own)  # the templates every scene has
+    gen = table([w[:k] for w in own])
     combos = recombined_templates()
-    mixed = table(combos)
+    mixed = table([write_templates(o, combos) for o in objects])
     j = int(mixed.mean(axis=0).argmax())
     return {"best_template": float(gen.mean(axis=0).max()), "best_template_index": int(gen.mean(axis=0).argmax()),
             "template_means": [float(m) for m in gen.mean(axis=0)], "best_template_by_count": by_count(gen),
