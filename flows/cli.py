@@ -37,6 +37,9 @@ def _prefect_env(workdir: Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # The temporary local API migrates its SQLite database on first start; on a fresh 2-core machine (cold
+    # imports, no bytecode yet) that took longer than Prefect's 20 s default and the run failed before any stage.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:

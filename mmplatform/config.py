@@ -148,9 +148,23 @@ class VisionParams(_Section):
     finetune: Finetune = Field("full", description=_FINETUNE_HELP)
     trainable_layers: int = Field(2, ge=1, description="blocks / stages trained with finetune=partial")
     patch_size: int = Field(8, ge=2)
+    stem: Literal["patch", "conv"] = Field(
+        "patch", description="vit only: patch = one patch_size x patch_size projection; conv = a stack of 3x3 "
+        "stride-2 convolutions (Xiao et al. 2021), patch_size a power of two")
+    position_init: Literal["random", "sincos"] = Field(
+        "random", description="vit only: how the learned position embeddings start; sincos = fixed 2D sine-cosine "
+        "(MAE) values, so a position signal is there from the first step")
     hidden_size: int = Field(128, ge=16)
     layers: int = Field(3, ge=1)
     heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _stem_fits(self) -> VisionParams:
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"stem: conv needs a power-of-two patch_size, got {self.patch_size}")
+        if self.position_init == "sincos" and self.hidden_size % 4:
+            raise ValueError(f"position_init: sincos needs hidden_size divisible by 4, got {self.hidden_size}")
+        return self
 
 
 class TextParams(_Section):
@@ -197,6 +211,10 @@ class TrainParams(_Section):
                                                     "relation reversed or words shuffled) as an extra negative")
     triplet_margin: float = Field(0.2, gt=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="share of caption tokens MLM hides (BERT)")
+    mlm_through_fusion: bool = Field(
+        False, description="MLM reads the masked caption through the fusion encoder (ALBEF), so every masked "
+        "colour, shape or position word trains the fusion's grounding that ITM and VQA use; false = a separate "
+        "cross-attention MLM head. Needs fusion: cross_attention")
     vqa_questions_per_image: int = Field(
         4, ge=1, description="VQA questions drawn per image each step (without replacement; all of an image's "
         "when it has fewer): relation questions need many more updates than the image's captions do")
@@ -237,6 +255,9 @@ class TrainParams(_Section):
         if name != "total" and getattr(self.loss_weights, name) == 0:
             raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} watches a loss whose weight "
                              f"loss_weights.{name} is 0 (no such val loss); use val_total or give it a weight")
+        if self.mlm_through_fusion and self.loss_weights.mlm > 0 and self.fusion != "cross_attention":
+            raise ValueError(f"mlm_through_fusion reads the fusion's token states: it needs fusion: cross_attention, "
+                             f"not {self.fusion}")
         return self
 
 

@@ -134,3 +134,15 @@ def test_generative_vqa_rl_without_an_answer_decoder_fails_when_the_file_loads()
                               "train.loss_weights.vqa_generative > 0 trains; set it (e.g. 0.5)")
     ok = apply_overrides(raw, ["train.loss_weights.vqa_generative=0.5"])
     assert validate(ok, "params.yaml").rl_finetune.task == "vqa"
+
+
+def test_new_vision_and_mlm_keys_are_checked():
+    from mmplatform.config import TrainParams
+
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        TrainParams.model_validate({"vision": {"stem": "conv", "patch_size": 12}})
+    with pytest.raises(ValueError, match="divisible by 4"):
+        TrainParams.model_validate({"vision": {"position_init": "sincos", "hidden_size": 18}})
+    with pytest.raises(ValueError, match="needs fusion: cross_attention"):
+        TrainParams.model_validate({"mlm_through_fusion": True, "loss_weights": {"mlm": 0.5}, "fusion": "concat"})
+    assert TrainParams.model_validate({"vision": {"stem": "conv", "patch_size": 16}}).vision.stem == "conv"

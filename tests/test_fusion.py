@@ -241,3 +241,61 @@ def test_multimodal_model_builds_and_roundtrips_with_new_kinds(kind, tmp_path):
     with torch.no_grad():
         again = loaded.itm_logits(loaded.image_tokens(images), loaded.text_tokens(ids, mask), mask)
     assert torch.allclose(again, logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", FUSION_KINDS)
+def test_img_index_equals_indexing_first_and_gives_the_same_gradients(kind):
+    """Each image once plus ``img_index`` (what training passes: ITM's and VQA's pairs share images) must be the
+    same function as one image row per pair, values and gradients."""
+    f = build_fusion(kind, DV, DT, DIM)
+    img, txt, mask = _inputs(b=4)
+    index = torch.tensor([2, 0, 2, 1])  # image 3 unused, image 2 twice
+    per_image = img.clone().requires_grad_()
+    per_pair = img.clone().requires_grad_()
+    a = f(per_pair[index], txt, mask)
+    b = f(per_image, txt, mask, index)
+    assert torch.allclose(a, b, atol=1e-6)
+    grad = torch.randn_like(a)
+    a.backward(grad)
+    b.backward(grad)
+    assert torch.allclose(per_pair.grad, per_image.grad, atol=1e-5)
+    assert per_image.grad[3].abs().sum() == 0  # an image no pair reads gets no gradient
+
+
+def test_model_itm_and_vqa_logits_take_img_index():
+    cfg = ModelConfig(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, image_size=16, patch_size=8, vision_hidden=16,
+                      vision_layers=1, vision_heads=2, text_hidden=24, text_layers=1, text_heads=2, max_length=8,
+                      decoder_hidden=16, decoder_layers=1, decoder_heads=2, embed_dim=16,
+                      fusion="cross_attention", fusion_layers=2, fusion_self_attention=True, vqa_answers=["yes", "no"])
+    model = MultimodalModel(cfg).eval()
+    img_tok = model.image_tokens(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8))
+    ids = torch.randint(3, 40, (3, 6))
+    mask = torch.ones_like(ids)
+    txt_tok = model.text_tokens(ids, mask)
+    index = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        assert torch.allclose(model.itm_logits(img_tok, txt_tok, mask, img_index=index),
+                              model.itm_logits(img_tok[index], txt_tok, mask), atol=1e-6)
+        assert torch.allclose(model.vqa_logits(img_tok, txt_tok, mask, img_index=index),
+                              model.vqa_logits(img_tok[index], txt_tok, mask), atol=1e-6)
+
+
+def test_mlm_through_fusion_trains_the_fusion_and_needs_token_states():
+    """ALBEF's MLM: the masked caption's words are predicted from the fusion encoder's token states, so the MLM
+    loss reaches the fusion's cross-attention (the separate MLM head's loss never does)."""
+    base = dict(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, image_size=16, patch_size=8, vision_hidden=16,
+                vision_layers=1, vision_heads=2, text_hidden=24, text_layers=1, text_heads=2, max_length=8,
+                decoder_hidden=16, decoder_layers=1, decoder_heads=2, embed_dim=16, fusion="cross_attention",
+                fusion_layers=2, fusion_self_attention=True, mlm=True, mask_id=3)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    ids = torch.randint(4, 40, (2, 6))
+    mask = torch.ones_like(ids)
+    for through, reaches in ((True, True), (False, False)):
+        model = MultimodalModel(ModelConfig(**base, mlm_through_fusion=through))
+        logits = model.mlm_logits(model.image_tokens(images), ids, mask)
+        assert logits.shape == (2, 6, 40)
+        logits.sum().backward()
+        grads = [q.grad for q in model.fusion.layers[0].attn.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == reaches
+    with pytest.raises(ValueError, match="token states"):
+        MultimodalModel(ModelConfig(**{**base, "fusion": "concat"}, mlm_through_fusion=True))

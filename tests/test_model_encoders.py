@@ -15,7 +15,13 @@ from safetensors.torch import load_file
 
 from mmplatform.config import TrainParams
 from mmplatform.data.synthetic import generate_synthetic
-from mmplatform.models.encoders import EncoderNotFoundError, small_text_encoder, small_vision_encoder
+from mmplatform.models.encoders import (
+    ConvStem,
+    EncoderNotFoundError,
+    sincos_positions,
+    small_text_encoder,
+    small_vision_encoder,
+)
 from mmplatform.models.multimodal import ModelConfig, MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
 from mmplatform.train.batches import decode_images, tokenize_captions, tokenizer_texts
@@ -244,3 +250,46 @@ def test_train_stage_runs_on_local_pretrained_encoders(tmp_path, monkeypatch):
     assert model.cfg.vision_finetune == "frozen" and model.cfg.text_finetune == "partial"
     for k, v in model.vision.model.state_dict().items():  # the frozen encoder left training as it came
         assert torch.equal(v, frozen[k]), k
+
+
+def test_conv_stem_gives_the_patch_grid_and_saved_models_rebuild_it(tmp_path):
+    stem = ConvStem(3, 32, 16)
+    assert stem(torch.zeros(2, 3, 64, 64)).shape == (2, 32, 4, 4)  # the grid a 16 x 16 patch projection gives
+    assert [m.stride for m in stem if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 4
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(3, 32, 12)
+    cfg = ModelConfig(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, image_size=32, patch_size=8, vision_hidden=16,
+                      vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2, max_length=8,
+                      decoder_hidden=16, decoder_layers=1, decoder_heads=2, embed_dim=16, vision_stem="conv",
+                      vision_position_init="sincos")
+    model = MultimodalModel(cfg).eval()
+    assert isinstance(model.vision.model.embeddings.patch_embeddings.projection, ConvStem)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    model.save(tmp_path / "m")
+    loaded = MultimodalModel.load(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.image_tokens(images), model.image_tokens(images))
+
+
+def test_sincos_positions_known_values():
+    pos = sincos_positions(3, 8)  # 9 cells; channels: sin(col), cos(col), sin(row), cos(row) at 2 frequencies
+    assert pos.shape == (9, 8)
+    assert torch.allclose(pos[0], torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]))  # (row 0, col 0)
+    # cell 5 = row 1, col 2: frequencies 1 and 1/100
+    col, row = torch.tensor([2.0, 0.02]), torch.tensor([1.0, 0.01])
+    assert torch.allclose(pos[5], torch.cat([col.sin(), col.cos(), row.sin(), row.cos()]), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(3, 6)
+
+
+def test_default_vit_position_init_sincos_sets_the_grid_and_random_keeps_the_old_init():
+    base = dict(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, image_size=32, patch_size=8, vision_hidden=16,
+                vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2, max_length=8,
+                decoder_hidden=16, decoder_layers=1, decoder_heads=2, embed_dim=16)
+    torch.manual_seed(0)
+    sincos = MultimodalModel(ModelConfig(**base, vision_position_init="sincos"))
+    torch.manual_seed(0)
+    old = MultimodalModel(ModelConfig(**base))
+    pe = sincos.vision.model.embeddings.position_embeddings[0]
+    assert torch.equal(pe[1:], sincos_positions(4, 16))
+    assert not torch.equal(old.vision.model.embeddings.position_embeddings[0, 1:], pe[1:])

@@ -418,6 +418,53 @@ def text_encoder_from_config(path: str | os.PathLike, *, finetune: Finetune = "f
 
 
 # --------------------------------------------------------------------------------------------- small builders
+class ConvStem(nn.Sequential):
+    """A ViT's patch projection made of convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See
+    Better", arXiv:2106.14881): log2(patch_size) 3x3 stride-2 convolutions, widths doubling up to ``dim``, each but
+    the last followed by a normalisation and a ReLU; the output is the same (B, dim, H/p, W/p) grid the single
+    p x p projection gives. The paper measured faster, more stable optimisation and better accuracy at equal FLOPs;
+    trained from scratch on the built-in data, val R@1 after one epoch was 0.36 against 0.02 with the patchify
+    projection (bench/time_to_quality.py). GroupNorm(1): per-sample, so data-parallel workers need no batch
+    statistics. ``weight`` is the last convolution's: transformers' ViT reads ``projection.weight.dtype``."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        steps = patch_size.bit_length() - 1
+        if patch_size < 2 or 1 << steps != patch_size:
+            raise ValueError(f"a convolutional stem needs a power-of-two patch_size >= 2, got {patch_size}")
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i in range(steps):
+            c_out = dim if i == steps - 1 else max(8, dim >> (steps - 1 - i))
+            layers.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1))
+            if i < steps - 1:
+                layers += [nn.GroupNorm(1, c_out), nn.ReLU()]
+            c_in = c_out
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[-1].weight
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2D sine-cosine position embeddings (MAE, He et al. 2022; MoCo v3, Chen et al.
+    2021): a quarter of the channels each for sin/cos of the column and of the row, at geometric frequencies.
+    Used to initialise the small ViT's learned position embeddings: a relation question needs where an object
+    is, and the default initialisation (trunc-normal, std 0.02) starts the position signal far below the patch
+    content's."""
+    if dim % 4:
+        raise ValueError(f"sine-cosine positions need a dim divisible by 4, got {dim}")
+    q = dim // 4
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)
+    parts = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1)
+
+
 def small_vision_encoder(kind: str = "vit", image_size: int = 64, hidden: int = 64, layers: int = 2, *,
                          patch_size: int = 8, heads: int = 2, finetune: Finetune = "full",
                          trainable_layers: int = 2) -> VisionEncoder:

@@ -2,7 +2,12 @@
 
 One interface for every kind::
 
-    forward(img_tokens (B, Ni, Dv), txt_tokens (B, Nt, Dt), txt_mask (B, Nt)) -> (B, out_dim)
+    forward(img_tokens (B, Ni, Dv), txt_tokens (B, Nt, Dt), txt_mask (B, Nt), img_index=None) -> (B, out_dim)
+
+``img_index`` (B,) long, optional: pair ``j`` is text ``j`` with image ``img_index[j]``, and ``img_tokens`` holds
+each image once (M, Ni, Dv). Many pairs share an image in training (ITM's positives and hard negatives, several
+VQA questions per image), and what a fusion computes from an image alone (input and key/value projections) is
+then computed once per image instead of once per pair. The result equals indexing first.
 
 Token 0 of each sequence is its [CLS] summary; ``txt_mask`` is 1 (or True) at real text tokens and 0 at padding,
 and position 0 is always real. Image tokens are never padded. ``out_dim == dim`` for every kind. The fused vector
@@ -36,6 +41,7 @@ kinds, quality against compute (:func:`fusion_flops`), is a feature of the platf
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FUSION_KINDS: tuple[str, ...] = ("concat", "gated", "cross_attention", "multimodal_transformer")
@@ -52,8 +58,9 @@ class ConcatFusion(nn.Module):
         self.out_dim = dim
         self.mlp = nn.Sequential(nn.Linear(vision_dim + text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([img_tokens[:, 0], txt_tokens[:, 0]], dim=-1))
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                img_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(torch.cat([_pairs(img_tokens[:, 0], img_index), txt_tokens[:, 0]], dim=-1))
 
 
 class GatedFusion(nn.Module):
@@ -71,7 +78,9 @@ class GatedFusion(nn.Module):
         """The mixing weights z (B, dim): 1 takes the image feature, 0 the text feature."""
         return torch.sigmoid(self.gate(torch.cat([img_tokens[:, 0], txt_tokens[:, 0]], dim=-1)))
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                img_index: torch.Tensor | None = None) -> torch.Tensor:
+        img_tokens = _pairs(img_tokens[:, :1], img_index)
         z = self.gate_values(img_tokens, txt_tokens)
         h_img = torch.tanh(self.img(img_tokens[:, 0]))
         h_txt = torch.tanh(self.txt(txt_tokens[:, 0]))
@@ -101,13 +110,19 @@ class CrossAttentionFusion(nn.Module):
         # Models saved before ``layers`` existed hold block 0's weights at the top level (attn, norm1, ...).
         self.register_load_state_dict_pre_hook(_nest_single_block)
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                img_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.token_states(img_tokens, txt_tokens, txt_mask, img_index)[:, 0]
+
+    def token_states(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                     img_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Nt, dim): every text token after the blocks (``forward`` reads the [CLS]; ALBEF's MLM reads all)."""
         h = self.q(txt_tokens)
         kv = self.kv(img_tokens)
         pad = txt_mask == 0  # True = padding, ignored as a key of the text self-attention
         for block in self.layers:
-            h = block(h, kv, pad)
-        return h[:, 0]
+            h = block(h, kv, pad, img_index)
+        return h
 
 
 class _CrossBlock(nn.Module):
@@ -123,11 +138,27 @@ class _CrossBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, h: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor,
+                img_index: torch.Tensor | None = None) -> torch.Tensor:
         if self.self_attn is not None:
             h = self.norm0(h + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
-        h = self.norm1(h + self.attn(h, kv, kv, need_weights=False)[0])
+        h = self.norm1(h + self.cross_attention(h, kv, img_index))
         return self.norm2(h + self.ff(h))
+
+    def cross_attention(self, h: torch.Tensor, kv: torch.Tensor, img_index: torch.Tensor | None) -> torch.Tensor:
+        """``self.attn(h, kv, kv)`` (``nn.MultiheadAttention``'s weights and arithmetic), with the image side's
+        key and value projections computed once per image and then gathered per pair (``img_index``)."""
+        attn = self.attn
+        d, heads = attn.embed_dim, attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.split(d)
+        b_q, b_k, b_v = attn.in_proj_bias.split(d)
+        k = _pairs(F.linear(kv, w_k, b_k), img_index)
+        v = _pairs(F.linear(kv, w_v, b_v), img_index)
+        q = F.linear(h, w_q, b_q)
+        b, nt, ni = q.shape[0], q.shape[1], k.shape[1]
+        split = lambda x, n: x.view(b, n, heads, d // heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q, nt), split(k, ni), split(v, ni))
+        return attn.out_proj(out.transpose(1, 2).reshape(b, nt, d))
 
 
 def _nest_single_block(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -158,17 +189,24 @@ class MultimodalTransformerFusion(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
-        b, ni = img_tokens.shape[:2]
+    def forward(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                img_index: torch.Tensor | None = None) -> torch.Tensor:
+        img = _pairs(self.img_proj(img_tokens), img_index)
+        b, ni = img.shape[:2]
         x = torch.cat([
             self.cls.expand(b, -1, -1),
-            self.img_proj(img_tokens) + self.type_emb[0],
+            img + self.type_emb[0],
             self.txt_proj(txt_tokens) + self.type_emb[1],
         ], dim=1)
         # True = ignored as a key. The fusion [CLS] and the image tokens are never masked, so no row is all-masked.
         pad = torch.cat([torch.zeros(b, 1 + ni, dtype=torch.bool, device=x.device), txt_mask == 0], dim=1)
         h = self.encoder(x, src_key_padding_mask=pad)
         return self.norm(h[:, 0])
+
+
+def _pairs(x: torch.Tensor, img_index: torch.Tensor | None) -> torch.Tensor:
+    """Per-image rows -> per-pair rows (``img_index``; None: already one row per pair)."""
+    return x if img_index is None else x[img_index]
 
 
 FUSIONS: dict[str, type[nn.Module]] = {

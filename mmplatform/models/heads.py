@@ -58,6 +58,20 @@ class MLMHead(nn.Module):
         return self.decoder(self.transform(h))
 
 
+class MLMPrediction(nn.Module):
+    """BERT's prediction head alone (transform, then vocabulary), over states that already read the image: the
+    fusion encoder's, as ALBEF's MLM does. Each masked colour, shape or position word is then a dense training
+    signal for the fusion's cross-attention, the grounding that ITM and VQA read from its [CLS]."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.decoder = nn.Linear(dim, vocab_size)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(states))
+
+
 # --------------------------------------------------------------------------- VQA
 
 

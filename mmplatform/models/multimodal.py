@@ -13,7 +13,8 @@ Composition, not inheritance (torchtune): ``MultimodalModel`` holds
   (and, with a question as its prefix, the generative VQA answerer: BLIP's answer decoder);
 - ``vqa_head`` (only when ``cfg.vqa_answers`` is set): answer classification over the fused (image,
   question) vector, the same ``fusion`` the ITM head reads (:class:`~mmplatform.models.heads.VQAClassifier`);
-- ``mlm_head`` (only when ``cfg.mlm``): masked words predicted from the text states with cross-attention to
+- ``mlm_head`` (only when ``cfg.mlm``): masked words predicted from the fusion encoder's token states
+  (``cfg.mlm_through_fusion``, ALBEF), or from the text states with its own cross-attention to
   the image (:class:`~mmplatform.models.heads.MLMHead`, ALBEF/BLIP).
 
 Saved as ``model.safetensors`` + ``model_config.json`` + ``tokenizer/`` in one directory, plus
@@ -38,17 +39,19 @@ from torch import nn
 from transformers import BertConfig, BertLMHeadModel, BertModel, ViTConfig, ViTModel
 
 from mmplatform.models.encoders import (
+    ConvStem,
     TextEncoder,
     VisionEncoder,
     load_text_encoder,
     load_vision_encoder,
+    sincos_positions,
     small_text_encoder,
     small_vision_encoder,
     text_encoder_from_config,
     vision_encoder_from_config,
 )
 from mmplatform.models.fusion import build_fusion
-from mmplatform.models.heads import MLMHead, VQAClassifier, normalize_answer
+from mmplatform.models.heads import MLMHead, MLMPrediction, VQAClassifier, normalize_answer
 
 
 @dataclass
@@ -85,6 +88,8 @@ class ModelConfig:
     # VQA answer vocabulary in class order (built from the training answers by build_answer_vocab); [] = no head.
     vqa_answers: list[str] = field(default_factory=list)
     mlm: bool = False  # build the masked-language-modelling head (image context)
+    # MLM over the fusion encoder's token states (ALBEF) instead of its own cross-attention head (MLMHead).
+    mlm_through_fusion: bool = False
     vqa_generative: bool = False  # the decoder was also trained to answer questions (question as prefix)
     # The answer decoder also reads the fusion's (image, question) vector, as BLIP's reads its fusion encoder's
     # output: one more memory token before the image's. False for models saved before it (they answer without).
@@ -93,6 +98,11 @@ class ModelConfig:
     # Encoders (defaults = the small ViT / BERT above, so older configs load unchanged). *_name_or_path: a
     # transformers model by hub name or local folder; its hidden size then replaces *_hidden.
     vision_arch: str = "vit"
+    # The small ViT's patch projection: "patch" (one p x p projection, as configs saved before the option) or
+    # "conv" (encoders.ConvStem); and how its position embeddings start: "random" (transformers' default) or
+    # "sincos" (encoders.sincos_positions, then learned). Pretrained encoders keep their own.
+    vision_stem: str = "patch"
+    vision_position_init: str = "random"
     vision_name_or_path: str | None = None
     vision_finetune: str = "full"
     vision_trainable_layers: int = 2
@@ -136,11 +146,18 @@ def build_vision_encoder(cfg: ModelConfig, saved: Path | None = None) -> VisionE
         return load_vision_encoder(cfg.vision_name_or_path, **ft)
     if cfg.vision_arch == "vit":
         # Built as before the encoders module existed (no pooler constructed), so a seed gives the same weights.
-        return VisionEncoder(ViTModel(ViTConfig(
+        vit = ViTModel(ViTConfig(
             image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
             hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
             num_attention_heads=cfg.vision_heads, intermediate_size=4 * cfg.vision_hidden, **_no_dropout(),
-        ), add_pooling_layer=False), **ft)
+        ), add_pooling_layer=False)
+        if cfg.vision_stem == "conv":
+            vit.embeddings.patch_embeddings.projection = ConvStem(3, cfg.vision_hidden, cfg.patch_size)
+        if cfg.vision_position_init == "sincos":
+            with torch.no_grad():
+                grid = cfg.image_size // cfg.patch_size
+                vit.embeddings.position_embeddings[0, 1:] = sincos_positions(grid, cfg.vision_hidden)
+        return VisionEncoder(vit, **ft)
     return small_vision_encoder(cfg.vision_arch, image_size=cfg.image_size, hidden=cfg.vision_hidden,
                                 layers=cfg.vision_layers, patch_size=cfg.patch_size, heads=cfg.vision_heads, **ft)
 
@@ -210,8 +227,11 @@ class MultimodalModel(nn.Module):
         if cfg.mlm and cfg.mask_id is None:
             raise ValueError("ModelConfig.mlm needs mask_id (the tokenizer's [MASK] id)")
         mlm_heads = getattr(self.text.config, "num_attention_heads", None) or cfg.text_heads
-        self.mlm_head = (MLMHead(text_hidden, vision_hidden, cfg.vocab_size, heads=mlm_heads)
-                         if cfg.mlm else None)
+        if cfg.mlm and cfg.mlm_through_fusion and not hasattr(self.fusion, "token_states"):
+            raise ValueError(f"mlm_through_fusion needs a fusion with token states (cross_attention), not {cfg.fusion}")
+        self.mlm_head = (None if not cfg.mlm else MLMPrediction(self.fusion.out_dim, cfg.vocab_size)
+                         if cfg.mlm_through_fusion else MLMHead(text_hidden, vision_hidden, cfg.vocab_size,
+                                                                heads=mlm_heads))
         # Images come in as uint8; normalise inside the model so every caller gets the same transform. A
         # pretrained encoder gets its own processor's resize and mean/std (VisionEncoder.preprocess); the small
         # ones keep this fixed 0.5/0.5 transform, bit for bit what models trained before it saw.
@@ -257,15 +277,20 @@ class MultimodalModel(nn.Module):
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.embed_text_tokens(self.text_tokens(ids, mask), mask)
 
-    def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.itm_head(self.fusion(img_tokens, txt_tokens, mask))
+    def itm_logits(self, img_tokens: torch.Tensor, txt_tokens: torch.Tensor, mask: torch.Tensor,
+                   img_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 2) match scores of pair ``j`` = (image ``img_index[j]``, text ``j``); without ``img_index`` the
+        image tokens are one row per pair (see :mod:`mmplatform.models.fusion`)."""
+        return self.itm_head(self.fusion(img_tokens, txt_tokens, mask, img_index))
 
     # ------------------------------------------------------------------ VQA and MLM heads
-    def vqa_logits(self, img_tokens: torch.Tensor, q_tokens: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
-        """(B, n_answers) answer scores from the fused (image, question) pair."""
+    def vqa_logits(self, img_tokens: torch.Tensor, q_tokens: torch.Tensor, q_mask: torch.Tensor,
+                   img_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_answers) answer scores from the fused (image, question) pair; ``img_index`` as in
+        :meth:`itm_logits`."""
         if self.vqa_head is None:
             raise ValueError("this model has no VQA head (it was trained without VQA answers)")
-        return self.vqa_head(self.fusion(img_tokens, q_tokens, q_mask))
+        return self.vqa_head(self.fusion(img_tokens, q_tokens, q_mask, img_index))
 
     @torch.no_grad()
     def answer_questions(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -282,6 +307,8 @@ class MultimodalModel(nn.Module):
         """(B, T, vocab) scores of every position of a masked caption, read with the image as context."""
         if self.mlm_head is None:
             raise ValueError("this model has no MLM head (ModelConfig.mlm is off)")
+        if self.cfg.mlm_through_fusion:
+            return self.mlm_head(self.fusion.token_states(img_tokens, self.text_tokens(masked_ids, mask), mask))
         return self.mlm_head(self.text_tokens(masked_ids, mask), img_tokens, mask)
 
     def special_ids(self) -> list[int]:

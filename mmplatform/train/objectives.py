@@ -68,9 +68,10 @@ def model_config(p: TrainParams, tokenizer, image_size: int, vqa_answers: Sequen
         banned_ids=sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id,
                            tokenizer.unk_token_id}),
         vqa_answers=list(vqa_answers) if p.loss_weights.vqa > 0 else [],
-        mlm=p.loss_weights.mlm > 0, mask_id=tokenizer.mask_token_id,
+        mlm=p.loss_weights.mlm > 0, mlm_through_fusion=p.mlm_through_fusion, mask_id=tokenizer.mask_token_id,
         vqa_generative=p.loss_weights.vqa_generative > 0, vqa_fused_memory=p.loss_weights.vqa_generative > 0,
-        vision_arch=p.vision.arch, vision_name_or_path=p.vision.name_or_path, vision_finetune=p.vision.finetune,
+        vision_arch=p.vision.arch, vision_stem=p.vision.stem, vision_position_init=p.vision.position_init,
+        vision_name_or_path=p.vision.name_or_path, vision_finetune=p.vision.finetune,
         vision_trainable_layers=p.vision.trainable_layers,
         text_arch=p.text.arch, text_name_or_path=p.text.name_or_path, text_finetune=p.text.finetune,
         text_trainable_layers=p.text.trainable_layers,
@@ -108,10 +109,12 @@ def multitask_loss(model: MultimodalModel, images: torch.Tensor, ids: torch.Tens
         sim = img @ txt.T
         neg_txt = sample_hard_negatives(sim, gen)[:b]      # a hard caption for each image
         neg_img = sample_hard_negatives(sim.T, gen)[:b]    # a hard image for each caption
-        fused_img = torch.cat([img_tok[:b], img_tok[:b], img_tok[neg_img]])
+        # Each image's side of the fusion is computed once and shared by its pairs (img_index).
+        anchors = torch.arange(b, device=images.device)
+        fused_img = torch.cat([anchors, anchors, neg_img])
         fused_txt = torch.cat([txt_tok[:b], txt_tok[neg_txt], txt_tok[:b]])
         fused_mask = torch.cat([mask[:b], mask[neg_txt], mask[:b]])
-        logits = model.itm_logits(fused_img, fused_txt, fused_mask)
+        logits = model.itm_logits(img_tok, fused_txt, fused_mask, img_index=fused_img)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
         losses["itm"] = torch.nn.functional.cross_entropy(logits, labels)
     if weights.captioning > 0:
@@ -141,7 +144,7 @@ def vqa_term(model: MultimodalModel, img_tok: torch.Tensor, batch: VQABatch) -> 
         # No question in this batch: a zero that still reaches the head, so every data-parallel worker
         # all-reduces the same set of gradients.
         return sum(q.sum() for q in head.parameters()) * 0.0
-    logits = model.vqa_logits(img_tok[batch.pos], model.text_tokens(batch.ids, batch.mask), batch.mask)
+    logits = model.vqa_logits(img_tok, model.text_tokens(batch.ids, batch.mask), batch.mask, img_index=batch.pos)
     targets = F.one_hot(batch.label.clamp(min=0), logits.shape[1]).float() * (batch.label >= 0)[:, None]
     return vqa_loss(logits, targets)
 
