@@ -1,11 +1,11 @@
 """Benchmark: validation quality against training wall-clock seconds, for two or more train recipes side by side.
 
-    python bench/time_to_quality.py [--recipes old,new] [--budget 600] [--eval-every 60] [--train-images 8000]
-    python bench/time_to_quality.py --recipes new,new:lr=0.002,new:batch_size=64 --budget 300
+    python bench/time_to_quality.py [--recipes default,fast] [--budget 600] [--eval-every 60] [--train-images 8000]
+    python bench/time_to_quality.py --recipes default,default:lr=0.002,default:batch_size=64 --budget 300
 
 A recipe is a named train section, optionally with ``key=value`` overrides after a colon (dotted keys reach
-nested sections: ``loss_weights.itm=1.0``); the names are ``old`` (``bench/recipes/old_train.yaml``, the
-default recipe before the 20-minute run) and ``new`` (``params.yaml``'s train section, today's default).
+nested sections: ``loss_weights.itm=1.0``); the names are ``default`` (``params.yaml``'s train section) and
+``fast`` (``bench/recipes/fast_train.yaml``: convolutional stem, patch 16, batch 32, 5 epochs).
 
 Every recipe trains with the recipe's own pieces (``mmplatform.train.recipe``: ``configure_process``, ``load_data``,
 ``global_draws`` / ``rows_of``, ``forward_backward``, ``optimizer_step``; the schedule spans the recipe's
@@ -59,7 +59,7 @@ from mmplatform.train.recipe import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"old": ROOT / "bench" / "recipes" / "old_train.yaml", "new": ROOT / "params.yaml"}
+RECIPES = {"default": ROOT / "params.yaml", "fast": ROOT / "bench" / "recipes" / "fast_train.yaml"}
 RESULTS = ROOT / "bench" / "results" / "time_to_quality.json"
 PLOT = ROOT / "docs" / "img" / "time_to_quality.png"
 PANELS = ("val_t2i_recall@1", "vqa_accuracy", "vqa_accuracy_above_below", "vqa_accuracy_left_right",
@@ -218,7 +218,7 @@ def plot(results: list[dict], path: Path, cpu: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", default="old,new", help="comma-separated name[:key=value;...] (';' between keys)")
+    ap.add_argument("--recipes", default="default,fast", help="comma-separated name[:key=value;...] (';' between keys)")
     ap.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
     ap.add_argument("--eval-every", type=float, default=60.0, help="training seconds between evaluations")
     ap.add_argument("--train-images", type=int, default=8000)

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmplatform.config import ConfigError, Params, apply_overrides, load_params, parse_override, validate
+from mmplatform.config import (
+    ConfigError,
+    Params,
+    TrainParams,
+    apply_overrides,
+    load_params,
+    parse_override,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,8 +145,6 @@ def test_generative_vqa_rl_without_an_answer_decoder_fails_when_the_file_loads()
 
 
 def test_new_vision_and_mlm_keys_are_checked():
-    from mmplatform.config import TrainParams
-
     with pytest.raises(ValueError, match="power-of-two patch_size"):
         TrainParams.model_validate({"vision": {"stem": "conv", "patch_size": 12}})
     with pytest.raises(ValueError, match="divisible by 4"):
@@ -146,3 +152,11 @@ def test_new_vision_and_mlm_keys_are_checked():
     with pytest.raises(ValueError, match="needs fusion: cross_attention"):
         TrainParams.model_validate({"mlm_through_fusion": True, "loss_weights": {"mlm": 0.5}, "fusion": "concat"})
     assert TrainParams.model_validate({"vision": {"stem": "conv", "patch_size": 16}}).vision.stem == "conv"
+
+
+def test_bench_recipes_are_valid_train_sections():
+    """The recipes the training benches read (bench/recipes/*.yaml) stay loadable as the train section evolves."""
+    files = sorted((ROOT / "bench" / "recipes").glob("*.yaml"))
+    assert files
+    for f in files:
+        TrainParams.model_validate(yaml.safe_load(f.read_text())["train"])
