@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmplatform.config import TrainParams
+from mmplatform.config import TrainParams, apply_overrides
 from mmplatform.data.augment import augment_records
 from mmplatform.data.synthetic import generate_synthetic
 from mmplatform.evaluate.evaluate import aro_metrics
@@ -85,15 +85,8 @@ def recipe_params(spec: str) -> tuple[str, TrainParams]:
     if name not in RECIPES:
         raise SystemExit(f"error: recipe {name!r}: expected one of {sorted(RECIPES)}")
     raw = yaml.safe_load(RECIPES[name].read_text())
-    raw = raw.get("train", raw)
-    for item in filter(None, overrides.split(",")):
-        key, _, value = item.partition("=")
-        node = raw
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return spec, TrainParams.model_validate(raw)
+    raw = apply_overrides({"train": raw["train"]}, [f"train.{o}" for o in filter(None, overrides.split(","))])
+    return spec, TrainParams.model_validate(raw["train"])
 
 
 def synthetic_data(n_train: int, n_val: int, seed: int = 0) -> tuple[list[dict], list[dict]]:

@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmplatform.config import TrainParams
+from mmplatform.config import TrainParams, apply_overrides
 from mmplatform.models.heads import build_answer_vocab
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
@@ -54,8 +54,8 @@ from time_to_quality import _split_specs, cpu_info, recipe_params, synthetic_dat
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_profile.json"
 MODULES = ("vision", "text", "fusion", "decoder", "memory_proj", "itm_head", "vqa_head", "mlm_head")
-OBJECTIVES = {"contrastive+foils": {"foil_negatives": False}, "itm": {"loss_weights.itm": 0.0},
-              "vqa": {"loss_weights.vqa": 0.0}, "captioning": {"loss_weights.captioning": 0.0}}
+OBJECTIVES = {"contrastive+foils": "foil_negatives=false", "itm": "loss_weights.itm=0",
+              "vqa": "loss_weights.vqa=0", "captioning": "loss_weights.captioning=0"}
 
 
 def matmul_peak(threads: int, n: int = 2048) -> float:
@@ -147,15 +147,8 @@ def _labelled(label: str, fn):
 
 def objective_costs(p: TrainParams, recs, tokenizer, threads: int, steps: int, full_ms: float) -> dict[str, float]:
     out = {}
-    for name, update in OBJECTIVES.items():
-        raw = p.model_dump()
-        for key, value in update.items():
-            node = raw
-            *path, leaf = key.split(".")
-            for part in path:
-                node = node[part]
-            node[leaf] = value
-        q = TrainParams.model_validate(raw)
+    for name, override in OBJECTIVES.items():
+        q = TrainParams.model_validate(apply_overrides({"train": p.model_dump()}, [f"train.{override}"])["train"])
         if q == p:
             continue
         ms = Setup(q, recs, tokenizer, threads).median_step(steps) * 1e3 / p.batch_size
