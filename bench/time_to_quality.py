@@ -42,11 +42,12 @@ from mmplatform.evaluate.vqa import vqa_metrics
 from mmplatform.models.heads import build_answer_vocab
 from mmplatform.models.multimodal import MultimodalModel
 from mmplatform.models.tokenizer import train_tokenizer
-from mmplatform.train.batches import tokenizer_texts
+from mmplatform.train.batches import tokenizer_texts, vqa_batch
 from mmplatform.train.objectives import model_config, multitask_loss, recall_at_1
 from mmplatform.train.recipe import (
     LOSS,
     PERMUTATION,
+    MultitaskLoss,
     autocast_for,
     build_optimizer,
     configure_process,
@@ -103,7 +104,6 @@ def evaluate(model: MultimodalModel, tokenizer, val, val_recs: list[dict], p: Tr
     with autocast:
         out["val_t2i_recall@1"] = recall_at_1(model, val.images, val.caps.ids[first], val.caps.mask[first])
         n = min(256, len(val_recs))
-        from mmplatform.train.batches import vqa_batch  # noqa: PLC0415 (bench only)
         vqa = vqa_batch(val.qa, val.q_rows, range(n), torch.Generator().manual_seed(0), p.vqa_questions_per_image) \
             if val.qa else None
         b = rows_of(val, torch.arange(n), first[:n], vqa, 0, n)
@@ -171,9 +171,7 @@ def run_recipe(label: str, p: TrainParams, train_recs: list[dict], val_recs: lis
             "points": points}
 
 
-def model_loss(model: MultimodalModel, p: TrainParams):
-    from mmplatform.train.recipe import MultitaskLoss  # noqa: PLC0415 (bench only)
-
+def model_loss(model: MultimodalModel, p: TrainParams) -> MultitaskLoss:
     return MultitaskLoss(model, p)
 
 
