@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 from PIL import Image
 
-from flows.cli import main
+from flows.cli import _prefect_env, main
 from mmplatform.data.dataset import read_dataset, read_quarantine
 
 
@@ -57,3 +58,18 @@ def test_missing_manifest_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 0 and "nope.jsonl" in err
     rc = main(["data", "ingest", "--format", "parquet", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--format parquet" in capsys.readouterr().err
+
+
+def test_prefect_local_api_gets_time_to_start_on_a_cold_machine(tmp_path, monkeypatch):
+    """On a fresh 2-core AVX2 machine the temporary Prefect API took longer than Prefect's 20 s default to migrate
+    its database on first start, and mmp run failed before any stage; the CLI gives it 180 s unless the user set
+    a value."""
+    for key in ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                "DVC_NO_ANALYTICS"):
+        monkeypatch.setenv(key, "")  # recorded, so whatever _prefect_env sets is undone after the test
+        monkeypatch.delenv(key)
+    _prefect_env(tmp_path)
+    assert int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 120
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "30")
+    _prefect_env(tmp_path)
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "30"
