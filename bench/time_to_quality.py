@@ -209,7 +209,7 @@ def plot(results: list[dict], path: Path, cpu: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", default="default,fast", help="comma-separated name[:key=value;...] (';' between keys)")
+    ap.add_argument("--recipes", default="default,fast", help="comma-separated name[:key=value,key=value] (a comma before a recipe name starts the next)")
     ap.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
     ap.add_argument("--eval-every", type=float, default=60.0, help="training seconds between evaluations")
     ap.add_argument("--train-images", type=int, default=8000)
@@ -219,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cpu = cpu_info()
     print(f"CPU: {cpu['model']} ({cpu.get('cpus', '?')} CPUs), SIMD: {cpu['simd']}", flush=True)
-    specs = [s.replace(";", ",") for s in args.recipes.split(",")] if ";" in args.recipes else \
-        _split_specs(args.recipes)
-    recipes = [recipe_params(s) for s in specs]
+    recipes = [recipe_params(s) for s in _split_specs(args.recipes)]
     train_recs, val_recs = synthetic_data(args.train_images, args.val_images)
     results = []
     for label, p in recipes:
