@@ -209,7 +209,8 @@ def plot(results: list[dict], path: Path, cpu: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", default="default,fast", help="comma-separated name[:key=value,key=value] (a comma before a recipe name starts the next)")
+    ap.add_argument("--recipes", default="default,fast",
+                    help="comma-separated name[:key=value,...]; a comma before a recipe name starts the next")
     ap.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
     ap.add_argument("--eval-every", type=float, default=60.0, help="training seconds between evaluations")
     ap.add_argument("--train-images", type=int, default=8000)
