@@ -25,6 +25,8 @@ app.add_typer(study_app, name="study")
 FORMATS = "coco | jsonl | csv | webdataset | imagefolder | labelstudio | synthetic"
 
 SetOpt = Annotated[list[str] | None, typer.Option("-S", "--set", help="section.key=value, for this run")]
+ForceOpt = Annotated[bool, typer.Option(help="replace OUT even when it is not a dataset mmp wrote (its files are "
+                                             "deleted)")]
 
 
 def _fail(msg: str) -> None:
@@ -144,7 +146,8 @@ def data_ingest(fmt: Annotated[str, typer.Option("--format", help=FORMATS)],
                 path: Annotated[Path | None, typer.Option(
                     help="COCO JSON, JSONL/CSV manifest, .tar shard / folder / {000..009} pattern, imagefolder"
                          " folder, or Label Studio export")] = None,
-                images: Annotated[Path | None, typer.Option(help="image root")] = None) -> None:
+                images: Annotated[Path | None, typer.Option(help="image root")] = None,
+                force: ForceOpt = False) -> None:
     """Ingest a source into a canonical dataset; bad records go to OUT/quarantine with a reason."""
     from mmplatform.config import ConfigError, IngestParams
     from mmplatform.data import stages
@@ -160,7 +163,7 @@ def data_ingest(fmt: Annotated[str, typer.Option("--format", help=FORMATS)],
     if path is not None and "{" not in str(path) and not path.exists():
         _fail(f"{path}: not found")
     try:
-        stats = stages.ingest(p, out)
+        stats = stages.ingest(p, out, force=force)
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(stats))
@@ -172,7 +175,8 @@ def data_clean(inp: Annotated[Path, typer.Argument(help="input dataset")],
                set_: Annotated[list[str] | None, typer.Option(
                    "-S", "--set", help="clean param, e.g. -S drop_issues=[dark,blurry] -S engine=local")] = None,
                params: Annotated[Path | None, typer.Option(help="take the clean section of this params.yaml")] = None,
-               report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True) -> None:
+               report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
+               force: ForceOpt = False) -> None:
     """Clean a dataset: kept → OUT, dropped → OUT/quarantine (with reason); OUT/report.html."""
     from mmplatform.config import ConfigError, load_params, validate
     from mmplatform.data import stages
@@ -187,7 +191,7 @@ def data_clean(inp: Annotated[Path, typer.Argument(help="input dataset")],
     if not (inp / "manifest.json").is_file():
         _fail(f"{inp}: not a dataset (no manifest.json)")
     try:
-        stats = stages.clean(inp, out, p)
+        stats = stages.clean(inp, out, p, force=force)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(stats, default=str))
@@ -252,7 +256,7 @@ def annotate_export(dataset: Annotated[Path, typer.Argument(help="dataset direct
 def annotate_import(file: Annotated[Path, typer.Argument(help="Label Studio JSON export")],
                     dataset: Annotated[Path, typer.Argument(help="dataset to merge the annotations into")],
                     out: Annotated[Path | None, typer.Option(help="write the merged dataset here (default: DATASET)")]
-                    = None) -> None:
+                    = None, force: ForceOpt = False) -> None:
     """Merge a Label Studio export into a dataset: captions of every annotator, consensus VQA answers,
     agreement; disagreements go to OUT/review.jsonl."""
     from mmplatform.data import labelstudio
@@ -269,16 +273,13 @@ def annotate_import(file: Annotated[Path, typer.Argument(help="Label Studio JSON
         merged, stats, review = labelstudio.merge_annotations(records, [file])
     except ValueError as exc:
         _fail(str(exc))
-    target = out or dataset
-    tmp = target.with_name(target.name + ".importing")
-    write_dataset(tmp, merged, stage=read_manifest(dataset).get("stage", "annotate"),
-                  params={"labelstudio_import": str(file)}, quarantine=quarantine, extra={"annotation_stats": stats})
-    labelstudio.write_review(review, tmp / "review.jsonl")
-    import shutil
-
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    try:
+        write_dataset(out or dataset, merged, stage=read_manifest(dataset).get("stage", "annotate"),
+                      params={"labelstudio_import": str(file)}, quarantine=quarantine,
+                      extra={"annotation_stats": stats}, files={"review.jsonl": labelstudio.review_jsonl(review)},
+                      force=force)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     typer.echo(json.dumps(stats, default=str))
 
 

@@ -408,7 +408,8 @@ def _analyse_dataset(inp: Path, p: CleanParams) -> list[dict[str, Any]]:
     return analyses
 
 
-def clean_dataset(inp: str | Path, out: str | Path, p: CleanParams, *, scorer: Any = None) -> dict[str, Any]:
+def clean_dataset(inp: str | Path, out: str | Path, p: CleanParams, *, scorer: Any = None,
+                  force: bool = False) -> dict[str, Any]:
     """The clean stage: dataset ``inp`` → ``out`` (+ ``out/quarantine``), per-record work on Ray Data
     (``p.engine``). Returns the stats (also stored in ``out/manifest.json``)."""
     inp, out = Path(inp), Path(out)
@@ -428,7 +429,7 @@ def clean_dataset(inp: str | Path, out: str | Path, p: CleanParams, *, scorer: A
     stats["images_per_second"] = round(len(records) / t_analyse, 1) if t_analyse > 0 and records else 0.0
     stats["engine"] = p.engine
     write_dataset(out, kept, stage="clean", params=p.model_dump(), quarantine=quarantined,
-                  extra={"stats": stats})
+                  extra={"stats": stats}, force=force)
     _log(stats)
     return stats
 

@@ -7,10 +7,13 @@ kept + quarantined = read holds for every stage.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +100,46 @@ def _content_hash(records: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+class OutputNotOursError(ValueError):
+    """The output directory exists, is not empty and is not a dataset this platform wrote."""
+
+
+def is_dataset_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a dataset this platform wrote (a manifest with our keys)."""
+    try:
+        m = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "schema_version" in m and "record_count" in m
+
+
+def check_output_dir(out_dir: str | Path, *, force: bool = False) -> None:
+    """Refuse to replace anything but one of our datasets or an empty directory (``force`` allows it).
+
+    Stages call this before their work, so a wrong OUT fails in a second instead of after the work, and
+    :func:`write_dataset` calls it again before it swaps the new dataset in."""
+    out = Path(out_dir)
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise OutputNotOursError(f"{out}: exists and is not a directory; pass --force to replace it")
+    if any(out.iterdir()) and not is_dataset_dir(out):
+        raise OutputNotOursError(f"{out}: not empty and not a dataset written by mmp; refusing to replace it "
+                                 "(choose another output or pass --force)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write(out_dir: Path, records: list[dict[str, Any]], schema: pa.Schema, stage: str,
-           params: dict | None, shard_size: int, extra: dict | None = None) -> dict[str, Any]:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+           params: dict | None, shard_size: int, extra: dict | None = None,
+           before_manifest: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write shards, then (after ``before_manifest``) the manifest: a directory with a manifest is complete."""
     shards = out_dir / "shards"
     shards.mkdir(parents=True)
     cols = [f.name for f in schema]
@@ -109,7 +148,12 @@ def _write(out_dir: Path, records: list[dict[str, Any]], schema: pa.Schema, stag
     for i in range(n_shards):
         chunk = rows[i * shard_size:(i + 1) * shard_size]
         table = pa.Table.from_pylist(chunk, schema=schema)
-        pq.write_table(table, shards / f"part-{i:05d}.parquet", compression="zstd")
+        path = shards / f"part-{i:05d}.parquet"
+        pq.write_table(table, path, compression="zstd")
+        _fsync(path)
+    _fsync(shards)
+    if before_manifest is not None:
+        before_manifest()
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "record_count": len(rows),
@@ -119,25 +163,85 @@ def _write(out_dir: Path, records: list[dict[str, Any]], schema: pa.Schema, stag
         "splits": {s: sum(1 for r in rows if r["split"] == s) for s in sorted({r["split"] for r in rows})},
         **(extra or {}),
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    path = out_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _fsync(path)
+    _fsync(out_dir)
     return manifest
 
 
 def write_dataset(out_dir: str | Path, records: Iterable[dict[str, Any]], *, stage: str,
                   params: dict | None = None, shard_size: int = 2000,
                   quarantine: Iterable[dict[str, Any]] | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``records`` as a canonical dataset (replacing ``out_dir``); ``quarantine`` rows carry a
-    ``reason`` and go to ``out_dir/quarantine``; ``extra`` keys (e.g. the stage's stats) are added to
-    the manifest. Returns the manifest."""
+                  extra: dict[str, Any] | None = None, files: dict[str, str] | None = None,
+                  force: bool = False) -> dict[str, Any]:
+    """Write ``records`` as a canonical dataset at ``out_dir``; ``quarantine`` rows carry a ``reason`` and go
+    to ``out_dir/quarantine``; ``extra`` keys (e.g. the stage's stats) are added to the manifest; ``files``
+    (name -> text) are written beside it. Returns the manifest.
+
+    The dataset is written whole into a temporary sibling (shards, quarantine, files, the manifest last, each
+    fsynced) and then renamed to ``out_dir``: a kill at any point leaves either the previous dataset or the new
+    one, never a part. ``out_dir`` is replaced only when it is one of our datasets or empty
+    (:func:`check_output_dir`; ``force`` replaces anything)."""
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, force=force)
     records = list(records)
     q = [dict(r, stage=r.get("stage") or stage) for r in (quarantine or [])]
-    manifest = _write(out_dir, records, SCHEMA, stage, params, shard_size,
-                      extra={**(extra or {}), "quarantined": len(q),
-                             "quarantine_reasons": _count(r["reason"].split(":")[0] for r in q)})
-    _write(out_dir / "quarantine", q, QUARANTINE_SCHEMA, stage, params, shard_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    def rest() -> None:  # quarantine and extra files before the top manifest, which marks the dataset complete
+        _write(tmp / "quarantine", q, QUARANTINE_SCHEMA, stage, params, shard_size)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+            _fsync(tmp / name)
+
+    try:
+        manifest = _write(tmp, records, SCHEMA, stage, params, shard_size,
+                          extra={**(extra or {}), "quarantined": len(q),
+                                 "quarantine_reasons": _count(r["reason"].split(":")[0] for r in q)},
+                          before_manifest=rest)
+        _swap_in(tmp, out_dir, force=force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _swap_in(tmp: Path, out_dir: Path, *, force: bool) -> None:
+    check_output_dir(out_dir, force=force)  # again: something may have appeared there while we wrote
+    old = None
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()
+    elif out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    _fsync(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_siblings(out_dir: Path) -> None:
+    """Temporary siblings that a killed write of ``out_dir`` left behind (their writer is gone)."""
+    for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*-*"):
+        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:

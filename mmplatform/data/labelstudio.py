@@ -837,16 +837,19 @@ def _meta_dict(meta: Any) -> dict[str, Any]:
     return m if isinstance(m, dict) else {"meta_unparsed": m}
 
 
+def review_jsonl(review_items: Iterable[dict[str, Any]]) -> str:
+    """Review items as JSON lines."""
+    return "".join(json.dumps(item, ensure_ascii=False, sort_keys=True, default=str) + "\n"
+                   for item in review_items)
+
+
 def write_review(review_items: Iterable[dict[str, Any]], path: str | Path) -> int:
     """Write review items as JSON lines; returns how many."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for item in review_items:
-            f.write(json.dumps(item, ensure_ascii=False, sort_keys=True, default=str) + "\n")
-            n += 1
-    return n
+    text = review_jsonl(review_items)
+    path.write_text(text, encoding="utf-8")
+    return text.count("\n")
 
 
 # ------------------------------------------------------------------------------------------ ingest

@@ -14,14 +14,17 @@ from typing import Any
 from mmplatform.config import AugmentParams, CleanParams, IngestParams
 from mmplatform.data.augment import augment_records
 from mmplatform.data.clean import clean_dataset
-from mmplatform.data.dataset import read_dataset, write_dataset
+from mmplatform.data.dataset import check_output_dir, read_dataset, write_dataset
 from mmplatform.data.ingest import ingest_source
 from mmplatform.data.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
 
 
-def ingest(p: IngestParams, out: str | Path) -> dict[str, Any]:
+def ingest(p: IngestParams, out: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Read every source of ``p`` into the dataset ``out`` (``force``: replace ``out`` even when it is not one
+    of our datasets, see :func:`~mmplatform.data.dataset.check_output_dir`)."""
+    check_output_dir(out, force=force)
     kept: list[dict] = []
     quarantined: list[dict] = []
     for src in p.sources:
@@ -37,7 +40,8 @@ def ingest(p: IngestParams, out: str | Path) -> dict[str, Any]:
             ok, bad = ingest_source(src.format, src.path, src.images)
             kept.extend(ok)
             quarantined.extend(bad)
-    manifest = write_dataset(out, kept, stage="ingest", params=p.model_dump(), quarantine=quarantined)
+    manifest = write_dataset(out, kept, stage="ingest", params=p.model_dump(), quarantine=quarantined,
+                             force=force)
     stats = {"read": len(kept) + len(quarantined), "kept": len(kept), "quarantined": len(quarantined)}
     log.info("ingest: %s, splits %s", stats, manifest["splits"])
     return stats
@@ -52,13 +56,14 @@ def _jaccard(a: str, b: str) -> float:
 
 
 def annotate(inp: str | Path, out: str | Path, annotations_dir: str | Path, *,
-             min_agreement: float = 0.5) -> dict[str, Any]:
+             min_agreement: float = 0.5, force: bool = False) -> dict[str, Any]:
     """Merge the Label Studio exports found in ``annotations_dir`` (``*.json``) into the records: every
     annotator's captions, consensus VQA answers, agreement in ``meta["annotations"]``; ties, low agreement
     and tasks that cannot be joined go to ``<out>/review.jsonl``. Also reports caption agreement (mean
     pairwise word-set Jaccard between the captions of one image)."""
-    from mmplatform.data.labelstudio import merge_annotations, write_review
+    from mmplatform.data.labelstudio import merge_annotations, review_jsonl
 
+    check_output_dir(out, force=force)
     records = read_dataset(inp)
     adir = Path(annotations_dir)
     exports = sorted(adir.glob("*.json")) if adir.is_dir() else []
@@ -66,8 +71,9 @@ def annotate(inp: str | Path, out: str | Path, annotations_dir: str | Path, *,
     write_dataset(out, merged, stage="annotate",
                   params={"annotations_dir": str(annotations_dir), "min_agreement": min_agreement,
                           "exports": [p.name for p in exports]},
-                  extra={"annotation_stats": ann_stats})
-    n_review = write_review(review, Path(out) / "review.jsonl")  # after write_dataset: it replaces out/
+                  extra={"annotation_stats": ann_stats}, files={"review.jsonl": review_jsonl(review)},
+                  force=force)
+    n_review = len(review)
     if n_review:
         log.warning("annotate: %d items to review in %s", n_review, Path(out) / "review.jsonl")
     agreements = []
@@ -86,15 +92,17 @@ def annotate(inp: str | Path, out: str | Path, annotations_dir: str | Path, *,
     }
 
 
-def clean(inp: str | Path, out: str | Path, p: CleanParams, *, use_champion: bool = True) -> dict[str, Any]:
+def clean(inp: str | Path, out: str | Path, p: CleanParams, *, use_champion: bool = True,
+          force: bool = False) -> dict[str, Any]:
     """Clean ``inp`` into ``out``; the alignment filter scores with the registered champion when there is
     one (``use_champion``), and the data report is written to ``out/report.html`` (``p.report``)."""
+    check_output_dir(out, force=force)
     scorer = None
     if use_champion and p.alignment.mode != "off":
         from mmplatform.data.alignment import load_champion_scorer
 
         scorer = load_champion_scorer(p.alignment.model_name, p.alignment.alias)
-    stats = clean_dataset(inp, out, p, scorer=scorer)
+    stats = clean_dataset(inp, out, p, scorer=scorer, force=force)
     if p.report:
         stats["report"] = write_report(out, Path(out) / "report.html")
     return stats
@@ -117,8 +125,9 @@ def write_report(dataset: str | Path, html: str | Path) -> dict[str, float]:
     return summary_metrics(rep)
 
 
-def augment(inp: str | Path, out: str | Path, p: AugmentParams) -> dict[str, Any]:
+def augment(inp: str | Path, out: str | Path, p: AugmentParams, *, force: bool = False) -> dict[str, Any]:
+    check_output_dir(out, force=force)
     records = read_dataset(inp)
     result = augment_records(records, **p.model_dump())
-    write_dataset(out, result, stage="augment", params=p.model_dump())
+    write_dataset(out, result, stage="augment", params=p.model_dump(), force=force)
     return {"read": len(records), "written": len(result), "added": len(result) - len(records)}
