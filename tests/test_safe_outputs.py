@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
-import textwrap
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from flows.cli import main
+from mmplatform.data import dataset
 from mmplatform.data.dataset import (
     OutputNotOursError,
     make_record,
@@ -107,43 +106,37 @@ def test_cli_labelstudio_import_into_a_project_directory_is_refused(tmp_path, ca
     assert (project / "thesis.tex").exists() and read_manifest(src)["record_count"] == 2
 
 
-# A child process writes a new dataset over an old one and dies (os._exit, no cleanup, as SIGKILL) at the
-# k-th file it has finished writing; whatever k, what loads afterwards is the old dataset or the new one, whole.
-_KILLER = textwrap.dedent("""
-    import os, sys, io
-    import pyarrow.parquet as pq
-    from mmplatform.data import dataset
-    from PIL import Image
+def _killed_at(k: int, fn) -> int:
+    """Run ``fn`` in a forked child that dies (``os._exit``, no clean-up, as SIGKILL) when it has written and
+    fsynced its k-th file; returns the child's exit status (9: killed, 0: ``fn`` finished first)."""
+    pid = os.fork()
+    if pid == 0:  # child
+        calls = {"n": 0}
+        real = dataset._fsync
 
-    out, k = sys.argv[1], int(sys.argv[2])
-    calls = {"n": 0}
-    real_fsync, real_write = dataset._fsync, pq.write_table
+        def dying(path):
+            calls["n"] += 1
+            if calls["n"] == k:
+                os._exit(9)
+            real(path)
 
-    def dying_fsync(path):
-        calls["n"] += 1
-        if calls["n"] == k:
-            os._exit(9)
-        real_fsync(path)
-
-    dataset._fsync = dying_fsync
-    recs = []
-    for i in range(30):
-        buf = io.BytesIO()
-        Image.new("RGB", (8, 8), (i, 99, 3)).save(buf, format="PNG")
-        recs.append(dataset.make_record(buf.getvalue(), 8, 8, [f"new {i}"], split="train"))
-    q = [dict(recs[0], reason="bad: kill test")] * 16
-    dataset.write_dataset(out, recs, stage="new", shard_size=10, quarantine=q)
-""")
+        try:
+            dataset._fsync = dying
+            fn()
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_a_write_killed_at_any_point_leaves_a_complete_dataset(tmp_path):
     out = tmp_path / "ds"
-    old = _records(12, "old")
+    old, new = _records(12, "old"), _records(30, "new")
+    quarantine = [dict(new[0], reason="bad: kill test")] * 16
     outcomes = set()
     for k in range(1, 16):
         write_dataset(out, old, stage="old", shard_size=5)
-        proc = subprocess.run([sys.executable, "-c", _KILLER, str(out), str(k)], capture_output=True, text=True)
-        assert proc.returncode in (0, 9), proc.stderr
+        status = _killed_at(k, lambda: write_dataset(out, new, stage="new", shard_size=10, quarantine=quarantine))
+        assert status in (0, 9)
         m = read_manifest(out)
         rows = read_dataset(out)
         assert len(rows) == m["record_count"]
@@ -151,7 +144,8 @@ def test_a_write_killed_at_any_point_leaves_a_complete_dataset(tmp_path):
             assert [r["captions"] for r in rows] == [r["captions"] for r in old]
             outcomes.add("old")
         else:
-            assert m["record_count"] == 30 and len(read_quarantine(out)) == m["quarantined"] == 16
+            assert [r["captions"] for r in rows] == [r["captions"] for r in new]
+            assert len(read_quarantine(out)) == m["quarantined"] == 16
             outcomes.add("new")
     assert outcomes == {"old", "new"}  # the kills reached both sides of the swap
     write_dataset(out, old, stage="old")  # the next write removes what killed writers left behind

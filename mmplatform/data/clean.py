@@ -83,6 +83,7 @@ def _analyse(rec: dict[str, Any], p: CleanParams) -> dict[str, Any]:
             a["phash"], a["embedding"] = int(ph), np.asarray(emb, dtype=np.float32)
     # Text: cleaned per record; merged captions of exact duplicates are already clean.
     captions: list[str] = []
+    kept: set[str] = set()  # captions' items: a list scan per caption was quadratic (40,000 captions: 22 s)
     drops: Counter[str] = Counter()
     repairs: list[str] = []
     for c in rec.get("captions") or []:
@@ -90,15 +91,16 @@ def _analyse(rec: dict[str, Any], p: CleanParams) -> dict[str, Any]:
         if cleaned is None:
             drops[codes[-1] if codes else "empty"] += 1
             continue
-        repairs.extend(x for x in codes if x not in repairs)
+        repairs.extend(x for x in codes if x not in repairs)  # a handful of distinct codes
         n = word_count(cleaned)
         if n < p.min_caption_words:
             drops["too_short"] += 1
         elif n > p.max_caption_words:
             drops["too_long"] += 1
-        elif cleaned in captions:
+        elif cleaned in kept:
             drops["duplicate"] += 1
         else:
+            kept.add(cleaned)
             captions.append(cleaned)
     questions, answers = [], []
     qa_drops: Counter[str] = Counter()

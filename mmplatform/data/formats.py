@@ -32,6 +32,7 @@ from mmplatform.data.ingest import (
     TextStats,
     build_record,
     decode_bytes,
+    extend_unique,
     ingest_csv,
     ingest_jsonl,
     parse_fields,
@@ -404,7 +405,7 @@ def _sample_text(members: dict[str, tuple[str, bytes]], partial: dict[str, Any],
         partial["meta"] = {**fields["meta"], **partial["meta"]}
         if repairs:
             partial["meta"]["caption_repairs"] = repairs
-        captions += [c for c in fields["captions"] if c not in captions]
+        extend_unique(captions, fields["captions"], set(captions))
         partial.update(questions=fields["questions"], answers=fields["answers"], split=fields["split"])
         if fields.get("split_given"):
             partial["split_given"] = fields["split_given"]

@@ -23,6 +23,7 @@ typed with a CJK input method tokenise like everyone else's.
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 import unicodedata
@@ -147,8 +148,14 @@ def clean_caption(text: object) -> str | None:
 # Entities only with their terminating ";" (html.unescape alone would also turn the legacy
 # semicolon-less names into characters: "this &not that" -> "this ¬ that", "&copy2020" -> "©2020").
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
-_SCRIPT_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+# Openings of the blocks removed with their content; each is closed by the first closing after it, found by a
+# linear scan (:func:`_strip_blocks`): a lazy ``<!--.*?-->`` re-scans to the end of the text from every unclosed
+# opening, quadratic in hostile input (an 80 KB caption of repeated "<!--" took 11.5 s).
+_BLOCK_OPEN = re.compile(r"<!--|<(script|style)\b[^<>]*>", re.IGNORECASE)
+_BLOCK_CLOSE = re.compile(r"-->|</(script|style)\s*>", re.IGNORECASE)
+# Longer captions are dropped before any pattern runs: no caption of a real dataset comes near it, and it bounds
+# the work one record can cost.
+MAX_CAPTION_CHARS = 20_000
 # Only real HTML tag names are stripped, so "<person> holds <object>" templates and "a < b > c" stay.
 _BLOCK_TAGS = ("address|article|aside|blockquote|br|caption|center|dd|div|dl|dt|figcaption|figure|footer|"
                "h[1-6]|header|hr|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|title|tr|ul")
@@ -181,6 +188,27 @@ _PLACEHOLDER_PATTERNS = (
     re.compile(r"^[0-9a-f]{16,}$|^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE),
 )
 _EDGE_PUNCT = " \t\"'`.,;:!?()[]{}<>-_*#|~"
+
+
+def _strip_blocks(s: str) -> str:
+    """``s`` with every comment and ``<script>``/``<style>`` block (opening to the first closing of its kind)
+    replaced by a space; an opening that is never closed is left as text. The closings are found once, in one
+    pass, and each opening looks its closing up by bisection: O(n log n) whatever the input."""
+    closings: dict[str, list[tuple[int, int]]] = {}
+    for c in _BLOCK_CLOSE.finditer(s):
+        closings.setdefault("--" if c.group(0) == "-->" else c.group(1).lower(), []).append((c.start(), c.end()))
+    out, pos = [], 0
+    for m in _BLOCK_OPEN.finditer(s):
+        if m.start() < pos:
+            continue  # inside a block already removed
+        ends = closings.get("--" if m.group(0) == "<!--" else m.group(1).lower(), [])
+        i = bisect.bisect_left(ends, (m.end(), -1))
+        if i == len(ends):
+            continue  # never closed: stays as text
+        out.append(s[pos:m.start()] + " ")
+        pos = ends[i][1]
+    out.append(s[pos:])
+    return "".join(out)
 
 
 def _fold_compat(m: re.Match[str]) -> str:
@@ -217,12 +245,14 @@ def clean_caption_detailed(text: object) -> tuple[str | None, list[str]]:
     tags become a space, inline ones vanish); ``http(s)://``, ``ftp://`` and ``www.`` URLs removed
     (``url_removed``); whitespace collapsed.
 
-    A dropped caption returns None and its codes end with the drop reason: ``not_a_string``,
-    ``empty`` (nothing left), or ``placeholder`` (:func:`is_placeholder`, or a caption that was only
-    URLs).
+    A dropped caption returns None and its codes end with the drop reason: ``not_a_string``, ``too_long``
+    (over :data:`MAX_CAPTION_CHARS` characters, before any other work), ``empty`` (nothing left), or
+    ``placeholder`` (:func:`is_placeholder`, or a caption that was only URLs).
     """
     if not isinstance(text, str):
         return None, ["not_a_string"]
+    if len(text) > MAX_CAPTION_CHARS:
+        return None, ["too_long"]
     s, codes = normalize_text_detailed(text)
     folded = _COMPAT_FOLD.sub(_fold_compat, s)
     if folded != s:
@@ -234,7 +264,7 @@ def clean_caption_detailed(text: object) -> tuple[str | None, list[str]]:
             break
         _add(codes, "html_unescaped")
         s = unescaped
-    stripped = _INLINE_TAG.sub("", _BLOCK_TAG.sub(" ", _COMMENT.sub(" ", _SCRIPT_STYLE.sub(" ", s))))
+    stripped = _INLINE_TAG.sub("", _BLOCK_TAG.sub(" ", _strip_blocks(s)))
     if stripped != s:
         _add(codes, "html_stripped")
         s = stripped

@@ -1,0 +1,83 @@
+"""Hostile input costs bounded work: no caption, caption list or run of bad rows makes a stage quadratic or
+floods the log. Each test runs under an alarm, so a regression fails instead of hanging the suite."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import pytest
+from PIL import Image
+
+from mmplatform.config import CleanParams
+from mmplatform.data.clean import clean_dataset
+from mmplatform.data.dataset import read_dataset, write_dataset
+from mmplatform.data.ingest import QUARANTINE_LOG_LINES, ingest_source
+from mmplatform.data.text import MAX_CAPTION_CHARS, clean_caption_detailed
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def deadline():
+    """Fail (not hang) when the test's work takes more than 20 s; a linear pass takes well under one."""
+    def expired(*_):
+        raise TimeoutError("bounded-work test ran past its 20 s alarm")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("unit", ["<!--", "<script>", "<style x>", "<!--<script>-->", "www.", "&#1", "<p "])
+def test_hostile_captions_clean_in_linear_time(deadline, unit):
+    caption = unit * ((MAX_CAPTION_CHARS - 1) // len(unit))
+    for _ in range(20):  # 20 near-limit captions: a quadratic pattern took seconds for each
+        clean_caption_detailed(caption)
+
+
+def test_a_caption_over_the_limit_is_dropped_before_any_pattern_runs(deadline):
+    assert clean_caption_detailed("<!--" * 150_000) == (None, ["too_long"])  # 600 KB hung clean before
+    assert clean_caption_detailed("a <!-- note --> red <script>x()</script>circle")[0] == "a red circle"
+
+
+def test_blocks_are_removed_up_to_the_first_closing_of_their_kind():
+    text = "<script>a</style> b </script> c <!-- <script> --> e <!-- never closed"
+    assert clean_caption_detailed(text)[0] == "c e <!-- never closed"
+
+
+def _image(tmp_path):
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "a.png")
+
+
+def test_forty_thousand_captions_of_one_image_are_deduplicated_in_linear_time(tmp_path, deadline):
+    _image(tmp_path)
+    caps = [f"caption number {i % 20_000}" for i in range(40_000)]  # each twice
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "captions": caps}) + "\n")
+    kept, bad = ingest_source("jsonl", tmp_path / "m.jsonl")
+    assert not bad and len(kept[0]["captions"]) == 40_000  # ingest keeps what the file says; clean dedups
+    write_dataset(tmp_path / "in", kept, stage="ingest")
+    stats = clean_dataset(tmp_path / "in", tmp_path / "out", CleanParams(engine="local", report=False))
+    (rec,) = read_dataset(tmp_path / "out")
+    assert len(rec["captions"]) == 20_000 and stats["captions_dropped"].get("duplicate") == 20_000
+    rows = "".join(f"a.png,caption number {i % 20_000}\n" for i in range(40_000))
+    (tmp_path / "m.csv").write_text("image,caption\n" + rows)
+    kept, bad = ingest_source("csv", tmp_path / "m.csv")
+    assert not bad and len(kept) == 1 and len(kept[0]["captions"]) == 20_000
+
+
+def test_quarantine_warnings_are_aggregated_per_reason(tmp_path, caplog):
+    _image(tmp_path)
+    lines = [json.dumps({"image": "a.png", "captions": ["a red square"]})]
+    lines += [json.dumps({"image": f"missing{i}.png", "captions": ["x y"]}) for i in range(500)]
+    lines += ["{not json"] * 300
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="mmplatform.data.ingest"):
+        kept, bad = ingest_source("jsonl", tmp_path / "m.jsonl")
+    assert len(kept) + len(bad) == 801 and len(kept) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) <= 2 * (QUARANTINE_LOG_LINES + 1)
+    summaries = [m for m in messages if "rows quarantined for" in m]
+    assert any("500 rows" in m for m in summaries) and any("300 rows" in m for m in summaries)
