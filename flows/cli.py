@@ -55,17 +55,17 @@ def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
     if not (workdir / "dvc.yaml").is_file():
         _fail(f"{workdir}: no dvc.yaml here; run mmp from the project root or pass --workdir")
     _prefect_env(workdir)
-    from flows.retrain import StageFailed, data_flow, retrain, train_flow
+    from flows.retrain import StageFailed, WorkspaceBusy, data_flow, retrain, train_flow, workspace_lock
 
+    if overrides and which != "retrain":
+        _fail("-S overrides are taken by `mmp run` / `mmp flow retrain`")
     try:
-        if which == "retrain":
-            summary = retrain(str(workdir), overrides)
-            _report(summary)
-        else:
-            if overrides:
-                _fail("-S overrides are taken by `mmp run` / `mmp flow retrain`")
-            (data_flow if which == "data" else train_flow)(str(workdir))
-    except StageFailed as exc:
+        with workspace_lock(workdir):
+            if which == "retrain":
+                _report(retrain(str(workdir), overrides))
+            else:
+                (data_flow if which == "data" else train_flow)(str(workdir))
+    except (StageFailed, WorkspaceBusy) as exc:
         _fail(str(exc))
 
 
@@ -118,10 +118,13 @@ def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DV
     if not (wd / "dvc.yaml").is_file():
         _fail(f"{wd}: no dvc.yaml here; run mmp from the project root or pass --workdir")
     _prefect_env(wd)
-    from flows.retrain import overridden_params, stage_env
+    from flows.retrain import WorkspaceBusy, overridden_params, stage_env, workspace_lock
 
-    with overridden_params(wd / "params.yaml", set_ or []):
-        rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "tune"], cwd=wd, env=stage_env(wd, None))
+    try:
+        with workspace_lock(wd), overridden_params(wd / "params.yaml", set_ or []):
+            rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "tune"], cwd=wd, env=stage_env(wd, None))
+    except WorkspaceBusy as exc:
+        _fail(str(exc))
     if rc != 0:
         _fail("stage tune failed (its log is above)")
     best = wd / "reports/tune/best.json"

@@ -9,7 +9,9 @@ Run: ``mmp run`` (Prefect's local API, nothing to start by hand) or ``mmp serve`
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -82,20 +84,98 @@ def train_flow(workdir: str = ".", env: dict[str, str] | None = None) -> list[di
     return [dvc_stage(s, workdir, env) for s in TRAIN_STAGES]
 
 
+class WorkspaceBusy(RuntimeError):
+    pass
+
+
+STATE_DIR = ".mmp"  # inside the workspace: the run lock and the saved params.yaml of a run with overrides
+_held: dict[Path, int] = {}  # workspaces this process holds, with a count (retrain inside mmp run re-enters)
+
+
+@contextlib.contextmanager
+def workspace_lock(workdir: str | Path) -> Iterator[None]:
+    """One run at a time per workspace: an exclusive ``flock`` on ``<workdir>/.mmp/run.lock`` for the run. A
+    second run fails at once with one line; the kernel releases the lock when its holder dies, however it dies."""
+    wd = Path(workdir).resolve()
+    if wd in _held:
+        _held[wd] += 1
+        try:
+            yield
+        finally:
+            _held[wd] -= 1
+        return
+    (wd / STATE_DIR).mkdir(exist_ok=True)
+    f = open(wd / STATE_DIR / "run.lock", "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkspaceBusy(f"{wd}: another mmp run ({holder}) is using this workspace; wait for it to end "
+                                "or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        _held[wd] = 1
+        restore_interrupted_params(wd)
+        try:
+            yield
+        finally:
+            del _held[wd]
+    finally:
+        f.close()  # closing releases the flock
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _saved_params(workdir: Path) -> Path:
+    return workdir / STATE_DIR / "params.yaml.orig"
+
+
+def restore_interrupted_params(workdir: Path) -> bool:
+    """A run with overrides that was killed before it could restore params.yaml left the user's file in
+    ``.mmp/params.yaml.orig``: put it back (called under the workspace lock, so no run is using it)."""
+    saved = _saved_params(workdir)
+    if not saved.exists():
+        return False
+    _atomic_write(workdir / "params.yaml", saved.read_text())
+    saved.unlink()
+    logging.getLogger(__name__).warning("params.yaml: restored the file a killed run with -S overrides had "
+                                        "changed")
+    return True
+
+
 @contextlib.contextmanager
 def overridden_params(path: Path, overrides: list[str]) -> Iterator[None]:
-    """Write the overrides into params.yaml for this run (DVC reads the file), then restore it."""
+    """The overrides in params.yaml for this run (DVC reads the file), then the user's file back, byte for byte.
+
+    The user's file is first saved (fsynced) to ``.mmp/params.yaml.orig`` and every write is a rename, so a
+    kill at any point leaves either the user's file or the saved copy, which the next run restores
+    (:func:`restore_interrupted_params`). Callers hold :func:`workspace_lock`."""
     if not overrides:
         yield
         return
     original = path.read_text()
     raw = apply_overrides(read_raw(path), overrides)
     validate(raw, str(path))
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    saved = _saved_params(path.parent)
+    saved.parent.mkdir(exist_ok=True)
+    _atomic_write(saved, original)
+    _atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
     try:
         yield
     finally:
-        path.write_text(original)
+        _atomic_write(path, original)
+        saved.unlink(missing_ok=True)
 
 
 @flow(name="retrain")
@@ -109,7 +189,8 @@ def retrain(workdir: str = ".", overrides: list[str] | None = None) -> dict[str,
     os.environ["MMP_WORKSPACE"] = str(wd)
     tracking.setup()
     name = f"retrain-{flow_run.get_name() or 'local'}"
-    with overridden_params(wd / "params.yaml", overrides), mlflow.start_run(run_name=name) as parent:
+    with workspace_lock(wd), overridden_params(wd / "params.yaml", overrides), \
+            mlflow.start_run(run_name=name) as parent:
         mlflow.set_tags({"mmp.flow": "retrain", "prefect_flow_run_id": str(flow_run.get_id()),
                          "overrides": " ".join(overrides) or "none"})
         env = stage_env(wd, parent.info.run_id)

@@ -1,0 +1,98 @@
+"""One run per workspace, and a user's params.yaml that survives any kill of a run with -S overrides."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from flows import retrain as rt
+from flows.cli import main
+
+pytestmark = pytest.mark.reliability
+
+PARAMS = "# my notes: keep lr low\ntrain:\n  lr: 0.001  # tuned by hand\n  epochs: 60\n"
+
+
+def _workspace(tmp_path):
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    return tmp_path
+
+
+def _in_child(fn) -> int:
+    """Run ``fn`` in a forked child; returns its pid (the caller waits)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    return pid
+
+
+@pytest.fixture
+def _keep_environ():
+    saved = dict(os.environ)  # `mmp run` sets Prefect's variables for its workspace
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_a_second_run_in_the_same_workspace_fails_at_once_with_one_line(tmp_path, capsys, _keep_environ):
+    wd = _workspace(tmp_path)
+    ready = wd / "ready"
+
+    def hold():
+        with rt.workspace_lock(wd):
+            ready.touch()
+            time.sleep(30)
+
+    pid = _in_child(hold)
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        with pytest.raises(rt.WorkspaceBusy, match=f"pid {pid}"):
+            with rt.workspace_lock(wd):
+                pass
+        rc = main(["run", "--workdir", str(wd), "-S", "train.lr=0.5"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "another mmp run" in err[0]
+        assert (wd / "params.yaml").read_text() == PARAMS  # the refused run touched nothing
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    with rt.workspace_lock(wd):  # the holder died: the kernel released its lock
+        with rt.workspace_lock(wd):  # and this process may re-enter its own
+            pass
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_a_run_killed_at_any_point_of_its_overrides_leaves_the_users_params(tmp_path, k):
+    """The child writes the overrides, 'runs', restores; it dies at its k-th fsync or rename. The next run (the
+    lock) gives the user's file back byte for byte, comments included."""
+    wd = _workspace(tmp_path)
+
+    def run():
+        calls = {"n": 0}
+
+        def counted(real):
+            def wrapper(*a, **kw):
+                calls["n"] += 1
+                if calls["n"] == k:
+                    os._exit(9)
+                return real(*a, **kw)
+            return wrapper
+
+        os.fsync, os.replace = counted(os.fsync), counted(os.replace)
+        with rt.workspace_lock(wd), rt.overridden_params(wd / "params.yaml", ["train.lr=0.5", "train.epochs=1"]):
+            assert "0.5" in (wd / "params.yaml").read_text()
+
+    pid = _in_child(run)
+    os.waitpid(pid, 0)
+    with rt.workspace_lock(wd):
+        assert (wd / "params.yaml").read_text() == PARAMS
+    assert not (wd / rt.STATE_DIR / "params.yaml.orig").exists()
