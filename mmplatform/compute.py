@@ -16,15 +16,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-if not os.environ.get("RAY_ADDRESS"):
-    # Loopback only: an in-process Ray serves this machine, so it should not listen on the network.
-    # Ray reads this flag at import (it names Windows/macOS, where loopback is its default) and then
-    # binds its node to 127.0.0.1 instead of the machine's outward address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
 
 def init_ray(num_cpus: int | None = None) -> None:
+    """Start Ray in-process on loopback (``mmplatform.environment``), or join ``RAY_ADDRESS``."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
@@ -33,6 +29,11 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            # Ray was imported before mmplatform, so it read the loopback flag (mmplatform.environment) before
+            # it was set and would bind the node to the machine's outward address. Ray looks the constant up when
+            # it picks the node's address, so setting it here still keeps this node on 127.0.0.1.
+            ray_constants.ENABLE_RAY_CLUSTER = False
         # No dashboard by default: its server, head modules and agent took 3.7% of a core during training
         # steps, which on a 2-core machine stalls the 2-thread OpenMP team of the one worker (bench/README.md,
         # "Ray Train vs a plain loop": B/A 0.845 -> see there). MMP_RAY_DASHBOARD=1 starts it (loopback only).
