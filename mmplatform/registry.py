@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,12 @@ import mlflow.pyfunc
 from mmplatform.config import RegisterParams
 
 log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CODE = PACKAGE_DIR / "serving.py"
+# What serving the model imports, pinned to the versions this code was trained and tested with (the lock file's,
+# in our environment); the package itself is shipped with the model (code_paths), never fetched from an index.
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas", "pyarrow")
 
 
 class MMPlatformModel(mlflow.pyfunc.PythonModel):
@@ -65,6 +73,12 @@ def signature():
                           params=ParamSchema([ParamSpec("task", "string", "caption")]))
 
 
+def pinned_requirements(packages: tuple[str, ...] = SERVING_PACKAGES) -> list[str]:
+    """``name==version`` of each package as installed here; a local build label (``2.13.0+cpu``) is dropped, so
+    the pin resolves from a plain index."""
+    return [f"{name}=={re.sub(r'[+].*$', '', metadata.version(name))}" for name in packages]
+
+
 def _champion(client, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -82,10 +96,10 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
     value = float(metrics[p.primary_metric])
     client = MlflowClient()
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=MMPlatformModel(), artifacts={"model": str(Path(model_dir).resolve())},
-        signature=signature(),
+        name="model", python_model=str(MODEL_CODE), artifacts={"model": str(Path(model_dir).resolve())},
+        code_paths=[str(PACKAGE_DIR)], signature=signature(),
         # Explicit requirements: inferring them would import-scan the environment (slow, and offline here).
-        pip_requirements=["torch==2.13.0", "transformers", "tokenizers", "safetensors", "pillow", "mmplatform"],
+        pip_requirements=pinned_requirements(),
     )
     version = mlflow.register_model(info.model_uri, p.model_name)
     champ = _champion(client, p.model_name, p.alias)

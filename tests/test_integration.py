@@ -44,6 +44,13 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
     captions = served.predict(pd.DataFrame({"image": [r["image"] for r in test]}))
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
     assert served.predict(pd.DataFrame({"text": ["a red circle"]})).shape == (1, 64)
+    # Logged as code: no pickled Python object, the package shipped with it, every requirement pinned.
+    from pathlib import Path
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/mmplatform@champion"))
+    assert not list(local.rglob("*.pkl")) and (local / "code" / "mmplatform" / "registry.py").is_file()
+    reqs = (local / "requirements.txt").read_text().split()
+    assert reqs and all("==" in r for r in reqs if not r.startswith("mlflow")) and "mmplatform" not in reqs
 
     # Lineage on the parent run: git commit, DVC data hashes, Prefect flow run id; children per stage.
     parents = client.search_runs([client.get_experiment_by_name("mmplatform").experiment_id],
