@@ -37,18 +37,21 @@ after a few steps and the drift grows. ``torch.use_deterministic_algorithms`` ma
 
 Fault tolerance. A worker that fails makes Ray restart the worker group (``FailureConfig``); every worker
 then resumes from the last checkpoint, as a re-run of the stage after the driver died does. The
-checkpoint directory is keyed by the params (not the worker layout, which does not change the data order)
-and the training data's content hash; on a multi-node cluster it must be on shared storage, as Ray's
-``storage_path`` must. ``journal.jsonl`` beside it records every step as it is taken, retaken ones too.
+checkpoint directory is keyed by the params (not the worker layout, which does not change the data order),
+the training data's content hash and the library's code (a code change starts afresh); on a multi-node
+cluster it must be on shared storage, as Ray's ``storage_path`` must. ``journal.jsonl`` beside it records
+every step as it is taken, retaken ones too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle  # for its exception class only: checkpoints load with weights_only=True
 import random
 import time
 from contextlib import nullcontext
@@ -92,6 +95,8 @@ from mmplatform.train.objectives import (
 
 log = logging.getLogger(__name__)
 CKPT = "last.pt"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the mmplatform package, for code_fingerprint
+PREVIOUS_CKPT = "previous.pt"  # the checkpoint before last.pt, kept for when last.pt does not load
 JOURNAL = "journal.jsonl"  # one line per optimiser step as it is taken, recomputed steps included
 VAL_IMAGES = 500  # val images scored each epoch (R@1 among them)
 VAL_LOSS_IMAGES = 256  # of which the val losses use the first ones
@@ -130,8 +135,12 @@ def lr_lambda(warmup: int, total: int):
 
 def rng_state() -> dict[str, Any]:
     """The global generators (nothing in our loop draws from them, but anything a model adds, such as
-    dropout, would); our own generators are derived from the position and need no state."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    dropout, would); our own generators are derived from the position and need no state. Tensors, numbers and
+    tuples only, so the checkpoint loads with ``torch.load(weights_only=True)`` (no pickle)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -139,7 +148,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -575,15 +585,41 @@ def read_journal(ckpt_dir: str | Path) -> list[dict]:
 
 
 def save_checkpoint(ckpt_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to a temporary file, fsync it, keep the current checkpoint as the previous one and
+    rename the new one in: a kill at any point leaves a whole checkpoint (the new, the current or the
+    previous one) that :func:`read_checkpoint` finds."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / (CKPT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_dir / CKPT)  # atomic: a crash leaves the previous checkpoint whole
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if (ckpt_dir / CKPT).exists():
+        os.replace(ckpt_dir / CKPT, ckpt_dir / PREVIOUS_CKPT)
+    os.replace(tmp, ckpt_dir / CKPT)
+    fd = os.open(ckpt_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(ckpt_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(ckpt_dir) / CKPT
-    return torch.load(path, weights_only=False, map_location="cpu") if path.exists() else None
+    """The newest checkpoint in ``ckpt_dir`` that loads, or None. Loaded with ``weights_only=True``: a planted
+    or foreign file cannot run code; one that is torn, foreign or from an older format is skipped (with a
+    warning) for the previous one, and with neither the run starts from the beginning."""
+    for name in (CKPT, PREVIOUS_CKPT):
+        path = Path(ckpt_dir) / name
+        if not path.exists():
+            continue
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - torn, truncated, pickled objects: all mean "not usable"
+            why = ("it holds pickled objects, which are never loaded" if isinstance(exc, pickle.UnpicklingError)
+                   else f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__)
+            log.warning("%s: not a loadable checkpoint (%s); %s", path, why,
+                        "trying the previous one" if name == CKPT else "starting from the beginning")
+    return None
 
 
 def read_history(ckpt_dir: str | Path) -> list[dict]:
@@ -604,11 +640,24 @@ def read_steps(ckpt_dir: str | Path) -> list[dict]:
 _EXECUTION_ONLY = ("num_workers", "cpus_per_worker", "threads_per_worker", "checkpoint_every_steps", "max_failures")
 
 
-def checkpoint_key(p: TrainParams, content_hash: str) -> str:
-    import hashlib
+def code_fingerprint(root: str | Path = PACKAGE_ROOT) -> str:
+    """Hash of every Python source under ``root`` (the library) and of the torch version: what training computes
+    besides its params and data. A resumed checkpoint must come from the same code, or a code change would
+    re-publish the weights the old code trained."""
+    h = hashlib.sha256(torch.__version__.encode())
+    root = Path(root)
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
+
+def checkpoint_key(p: TrainParams, content_hash: str, code: str | None = None) -> str:
+    """The resume directory's name: params (less the worker layout), training data and code
+    (:func:`code_fingerprint`). Any change of the three starts afresh; an interrupted run of the same resumes."""
     params = {k: v for k, v in p.model_dump().items() if k not in _EXECUTION_ONLY}
-    return hashlib.sha256(json.dumps([params, content_hash], sort_keys=True).encode()).hexdigest()[:16]
+    code = code_fingerprint() if code is None else code
+    return hashlib.sha256(json.dumps([params, content_hash, code], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, out_dir: str | Path,
@@ -616,9 +665,10 @@ def run_training(p: TrainParams, *, train_dir: str | Path, val_dir: str | Path, 
                  fault_inject_step: int | None = None) -> list[dict]:
     """Driver side: train the tokenizer, pick the resume directory, run the workers, return history.
 
-    The checkpoint directory is keyed by the params (but not the worker layout: ``_EXECUTION_ONLY``) and
-    the training data's content hash, so a re-run after an interruption resumes, while a change of either
-    starts afresh. ``fault_inject_step``: test hook, the last worker fails once before that step.
+    The checkpoint directory is keyed by the params (but not the worker layout: ``_EXECUTION_ONLY``), the
+    training data's content hash and the library's code (:func:`checkpoint_key`), so a re-run after an
+    interruption resumes, while a change of any of them starts afresh. ``fault_inject_step``: test hook, the
+    last worker fails once before that step.
     """
     from mmplatform.compute import run_workers
     from mmplatform.data.dataset import read_dataset, read_manifest
