@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
     trainer = TorchTrainer(
         functools.partial(_with_driver_env, fn),
         train_loop_config={**config, "_driver_env": driver_env},
+        # In-process Ray: the process group's rendezvous store listens on loopback (torch's own binds every
+        # interface). A cluster (RAY_ADDRESS) keeps Ray's, whose workers reach each other across nodes.
+        torch_config=None if os.environ.get("RAY_ADDRESS") else loopback_torch_config(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu and num_workers > 0,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
@@ -94,6 +98,69 @@ def run_workers(fn: Callable[[dict], Any], config: dict, *, num_workers: int, cp
 
 
 _DRIVER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MMP_WORKSPACE")
+
+
+def loopback_torch_config():
+    """Ray Train's ``TorchConfig`` whose process group meets on 127.0.0.1.
+
+    Ray's own set-up initialises ``torch.distributed`` with ``env://``, whose TCPStore server binds every
+    interface (``::``) even with one worker; anyone who reaches that port can write to the store. Here worker 0
+    opens the listening socket on loopback itself and hands it to the TCPStore (``master_listen_fd``); the
+    workers, all on this machine, join it there, and gloo's own connections go over loopback too."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class LoopbackTorchBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            worker_group.execute(_torch_env)
+            port = worker_group.execute_single(0, _listen_on_loopback)
+            backend = backend_config.backend or "gloo"
+            import ray
+
+            ray.get([worker_group.execute_single_async(i, _join_on_loopback, backend=backend, world_rank=i,
+                                                       world_size=len(worker_group), port=port,
+                                                       timeout_s=backend_config.timeout_s)
+                     for i in range(len(worker_group))])
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig()
+
+
+_listener = None  # worker 0's loopback socket, kept open for the TCPStore that serves on it
+
+
+def _torch_env() -> None:
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    _set_torch_distributed_env_vars()  # LOCAL_RANK, RANK, WORLD_SIZE, ... as Ray's set-up sets them
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair connections on loopback
+
+
+def _listen_on_loopback() -> int:
+    import socket
+
+    global _listener
+    _listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _listener.bind(("127.0.0.1", 0))
+    _listener.listen(128)
+    return _listener.getsockname()[1]
+
+
+def _join_on_loopback(backend: str, world_rank: int, world_size: int, port: int, timeout_s: int) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    master = world_rank == 0
+    store = dist.TCPStore("127.0.0.1", port, world_size, master, timeout=timeout, wait_for_workers=False,
+                          master_listen_fd=_listener.fileno() if master else None)
+    dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
 def _with_driver_env(fn: Callable[[dict], Any], config: dict) -> Any:

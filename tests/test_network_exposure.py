@@ -64,3 +64,29 @@ def test_clean_on_ray_listens_on_loopback_only(tmp_path):
     assert seen, "Ray started no listening socket at all: the test saw nothing"
     exposed = sorted(s for s in seen if s[0] not in LOOPBACK)
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+TRAIN = """
+import sys
+from mmplatform.config import TrainParams
+from mmplatform.data.dataset import write_dataset
+from mmplatform.data.synthetic import generate_synthetic
+from mmplatform.train.recipe import run_training
+
+data = sys.argv[1] + "/data"
+write_dataset(data, generate_synthetic(n_train=64, n_val=16, n_test=1, n_test_compositional=1), stage="test")
+tiny = {"epochs": 1, "batch_size": 32, "embed_dim": 32, "warmup_steps": 1, "cpus_per_worker": 1, "num_workers": 2,
+        "vision": {"hidden_size": 32, "layers": 1, "heads": 2}, "text": {"hidden_size": 32, "layers": 1, "heads": 2},
+        "decoder": {"hidden_size": 32, "layers": 1, "heads": 2}}
+run_training(TrainParams.model_validate(tiny), train_dir=data, val_dir=data, out_dir=sys.argv[1] + "/model",
+             cache_dir=sys.argv[1] + "/cache")
+"""
+
+
+def test_training_on_ray_train_listens_on_loopback_only(tmp_path):
+    """Two workers: the process group's store and gloo's connections included."""
+    done, seen = _watch([sys.executable, "-c", TRAIN, str(tmp_path)], timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seen
+    exposed = sorted(s for s in seen if s[0] not in LOOPBACK)
+    assert not exposed, f"listening beyond loopback: {exposed}"
