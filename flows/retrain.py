@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,7 +117,7 @@ def workspace_lock(workdir: str | Path) -> Iterator[None]:
                                 "or stop it") from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}")
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
         f.flush()
         _held[wd] = 1
         restore_interrupted_params(wd)
