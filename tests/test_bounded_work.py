@@ -81,3 +81,34 @@ def test_quarantine_warnings_are_aggregated_per_reason(tmp_path, caplog):
     assert len(messages) <= 2 * (QUARANTINE_LOG_LINES + 1)
     summaries = [m for m in messages if "rows quarantined for" in m]
     assert any("500 rows" in m for m in summaries) and any("300 rows" in m for m in summaries)
+
+
+def test_an_imagefolder_metadata_link_out_of_the_root_is_not_followed(tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(outside / "b.png")
+    (outside / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "a private picture"}) + "\n")
+    root = tmp_path / "folder"
+    (root / "train").mkdir(parents=True)
+    (root / "metadata.jsonl").symlink_to(outside / "metadata.jsonl")
+    with pytest.raises(FileNotFoundError, match="no metadata"):  # the link is all there is: nothing is read
+        ingest_source("imagefolder", root)
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "train" / "a.png")
+    (root / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a red square"}) + "\n")
+    kept, bad = ingest_source("imagefolder", root)
+    assert [r["captions"] for r in kept] == [["a red square"]] and not bad
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_bytes_appended_after_the_image_are_not_kept(tmp_path, fmt):
+    import io
+
+    buf = io.BytesIO()
+    Image.effect_noise((24, 16), 50).convert("RGB").save(buf, format=fmt)
+    image = buf.getvalue()
+    payload = b"PK\x03\x04" + b"#!/bin/sh\nrm -rf ~\n" * 10  # a zip or a script riding on a valid image
+    (tmp_path / "a.img").write_bytes(image + payload)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.img", "captions": ["noise"]}) + "\n")
+    (rec,), bad = ingest_source("jsonl", tmp_path / "m.jsonl")
+    assert not bad and rec["image"] == image
+    assert json.loads(rec["meta"])["trailing_bytes_removed"] == len(payload)

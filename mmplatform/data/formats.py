@@ -421,6 +421,17 @@ _METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _FOLDER_IMAGE_EXTS = tuple(f".{e}" for e in _IMAGE_EXTS)
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """A regular file whose real path is inside ``root``: a metadata file that is a link out of the folder
+    (``metadata.jsonl -> /etc/...``) is not read, as image names are confined to their folder."""
+    if not path.is_file():
+        return False
+    if path.resolve().is_relative_to(root.resolve()):
+        return True
+    log.warning("imagefolder: %s links outside %s: not read", path, root)
+    return False
+
+
 def ingest_imagefolder(
     path: str | Path,
     images: str | Path | None = None,
@@ -444,11 +455,11 @@ def ingest_imagefolder(
     if images is not None:
         log.warning("imagefolder: images root %s is not used: file names are relative to each metadata file",
                     images)
-    metas: list[tuple[Path, str | None]] = [(root / n, None) for n in _METADATA_FILES if (root / n).is_file()]
+    metas: list[tuple[Path, str | None]] = [(root / n, None) for n in _METADATA_FILES if _inside(root / n, root)]
     for d in sorted(root.iterdir()):
         split = _HF_SPLIT_DIRS.get(d.name.lower())
         if split and d.is_dir() and not d.is_symlink():
-            metas += [(d / n, split) for n in _METADATA_FILES if (d / n).is_file()]
+            metas += [(d / n, split) for n in _METADATA_FILES if _inside(d / n, root)]
     if not metas:
         raise FileNotFoundError(f"imagefolder: no metadata.jsonl or metadata.csv in {root} or its split folders")
     kept: list[dict] = []

@@ -179,3 +179,55 @@ def encode_png(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def encoded_length(data: bytes, fmt: str | None) -> int | None:
+    """Where the PNG (after its ``IEND`` chunk) or JPEG (at its ``EOI`` marker) stream ``data`` ends, or None when
+    its structure cannot be followed. Bytes after that end are not part of the image: a file with a payload
+    appended (a zip, a script) decodes the same, so they are cut before the bytes are kept."""
+    if fmt == "PNG":
+        return _png_end(data)
+    if fmt == "JPEG":
+        return _jpeg_end(data)
+    return None
+
+
+def _png_end(data: bytes) -> int | None:
+    i, n = 8, len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        i += 12 + length
+        if kind == b"IEND":
+            return i if i <= n else None
+    return None
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    i, n = 2, len(data)
+    while i + 2 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return i + 2
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker (FF not followed by 00/RSTn)
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    return None
+                nxt = data[i + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+                    i += 2
+                    continue
+                break
+    return None

@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mmplatform.data.dataset import SPLITS, make_record
-from mmplatform.data.images import BadImage, decode_image, encode_png, sniff_format
+from mmplatform.data.images import BadImage, decode_image, encode_png, encoded_length, sniff_format
 from mmplatform.data.text import has_surrogates, normalize_text_detailed, safe_str, transcode_undecodable
 
 log = logging.getLogger(__name__)
@@ -489,9 +489,13 @@ def build_record(data: bytes, fields: dict[str, Any], source: str, *, max_image_
     if fields.get("file"):
         meta["file"] = safe_str(fields["file"])
     fmt = sniff_format(data)
-    if fmt not in _KEEP_BYTES_FORMATS:
+    end = encoded_length(data, fmt) if fmt in _KEEP_BYTES_FORMATS else None
+    if end is None:  # another format, or a PNG/JPEG whose structure cannot be followed to its end
         meta["reencoded_from"] = fmt
         data = encode_png(im)
+    elif end < len(data):
+        meta["trailing_bytes_removed"] = len(data) - end
+        data = data[:end]
     if fields.get("split_given"):
         meta["split_given"] = fields["split_given"]
     return make_record(data, im.width, im.height, fields.get("captions") or [], fields.get("questions") or [],
