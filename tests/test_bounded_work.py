@@ -112,3 +112,26 @@ def test_bytes_appended_after_the_image_are_not_kept(tmp_path, fmt):
     (rec,), bad = ingest_source("jsonl", tmp_path / "m.jsonl")
     assert not bad and rec["image"] == image
     assert json.loads(rec["meta"])["trailing_bytes_removed"] == len(payload)
+
+
+def test_a_16_bit_png_decodes_in_a_few_bytes_a_pixel():
+    """A 7000 x 7000 16-bit PNG is 93 KB and within the pixel limit; its decode took 1 GB (int64 arrays)."""
+    import io
+    import tracemalloc
+
+    import numpy as np
+
+    from mmplatform.data.images import decode_image
+
+    side = 2000
+    grey = (np.arange(side * side, dtype=np.uint32) * 7 % 65536).astype(np.uint16).reshape(side, side)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")  # mode I;16
+    tracemalloc.start()
+    try:
+        out = decode_image(buf.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out)[..., 0], (grey >> 8).astype(np.uint8))
+    assert peak < 8 * side * side  # bytes of arrays beside PIL's own buffers; the int64 path took ~28 a pixel
