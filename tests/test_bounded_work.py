@@ -135,3 +135,52 @@ def test_a_16_bit_png_decodes_in_a_few_bytes_a_pixel():
         tracemalloc.stop()
     assert out.mode == "RGB" and np.array_equal(np.asarray(out)[..., 0], (grey >> 8).astype(np.uint8))
     assert peak < 8 * side * side  # bytes of arrays beside PIL's own buffers; the int64 path took ~28 a pixel
+
+
+def _tar_with(tmp_path, name: str, declared: int, body: bytes, gz: bool = False):
+    """A shard: sample 000 (image + caption), then a member whose header declares ``declared`` bytes and
+    carries ``body``."""
+    import gzip
+    import io
+    import tarfile
+
+    def member(tf, n, data, size=None):
+        info = tarfile.TarInfo(n)
+        info.size = len(data) if size is None else size
+        tf.addfile(info, io.BytesIO(data))
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(png, format="PNG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        member(tf, "000.png", png.getvalue())
+        member(tf, "000.txt", b"a green square")
+        if declared == len(body):
+            member(tf, name, body)
+        else:  # a header that lies: written by hand, the body is what follows it
+            info = tarfile.TarInfo(name)
+            info.size = declared
+            buf.write(info.tobuf(tarfile.GNU_FORMAT))
+            buf.write(body)
+    data = buf.getvalue()
+    path = tmp_path / ("shard.tar.gz" if gz else "shard.tar")
+    path.write_bytes(gzip.compress(data, compresslevel=1) if gz else data)
+    return path
+
+
+def test_a_member_declaring_a_terabyte_is_not_read_through(tmp_path, deadline):
+    shard = _tar_with(tmp_path, "001.png", 1 << 40, b"\0" * 8192)  # 10 KiB file, 1 TiB claimed
+    kept, bad = ingest_source("webdataset", shard)
+    assert [r["captions"] for r in kept] == [["a green square"]]
+    assert any("past the end of the file" in json.loads(r["meta"]).get("error", "") for r in bad)
+    assert len(kept) + len(bad) == 3  # sample 000 kept; sample 001 incomplete; the shard's damage row
+
+
+def test_a_gzip_bomb_shard_stops_at_the_ratio_limit(tmp_path, deadline, monkeypatch):
+    from mmplatform.data import formats
+
+    monkeypatch.setattr(formats, "MIN_DECOMPRESSED_LIMIT", 1 << 20)  # a small floor, so a small bomb shows it
+    shard = _tar_with(tmp_path, "001.bin", 64 << 20, b"\0" * (64 << 20), gz=True)  # 64 MiB of zeros: ~300 KB
+    kept, bad = ingest_source("webdataset", shard)
+    assert [r["captions"] for r in kept] == [["a green square"]]
+    assert any("decompression_bomb" in json.loads(r["meta"]).get("error", "") for r in bad)

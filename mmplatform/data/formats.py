@@ -281,6 +281,12 @@ def ingest_webdataset(
     return kept, quarantined
 
 
+# A compressed shard may hold at most this many times its size uncompressed (JPEG/PNG members barely compress,
+# so real shards stay far below it; a gzip of zeros is ~1000x) and at least MIN_DECOMPRESSED_LIMIT bytes.
+MAX_DECOMPRESSION_RATIO = 50
+MIN_DECOMPRESSED_LIMIT = 256 * 1024 * 1024
+
+
 def _member_type(m: tarfile.TarInfo) -> str:
     for name, test in (("symlink", m.issym), ("hardlink", m.islnk), ("character_device", m.ischr),
                        ("block_device", m.isblk), ("fifo", m.isfifo), ("directory", m.isdir)):
@@ -295,12 +301,25 @@ def _ingest_shard(shard: Path, *, max_image_bytes: int, max_pixels: int) -> tupl
     ignored = 0
     damage: str | None = None
     end = 0  # offset just after the last member's data: where the end-of-archive marker must be
+    size = shard.stat().st_size
     with open(shard, "rb") as f:
         compressed = f.read(6)[:3] in (b"\x1f\x8b\x08", b"BZh", b"\xfd7z")
         f.seek(0)
+        # The stream reader skips a member by reading it: a header may not send it past what the file holds
+        # (a 10 KiB shard declaring a 1 TiB member read for ~18 min) or, compressed, past a bomb's ratio.
+        limit = max(MAX_DECOMPRESSION_RATIO * size, MIN_DECOMPRESSED_LIMIT) if compressed else size
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tf:
                 for m in tf:
+                    if m.offset_data + m.size > limit:
+                        cut = _KEY_EXT.match(m.name)
+                        if cut is not None:  # the sample this member belonged to is incomplete
+                            last_key = cut.group(1)
+                            samples.setdefault(last_key, {"members": {}, "other": [], "bad": None})
+                        damage = (f"decompression_bomb: member {safe_str(m.name)} would take the shard past "
+                                  f"{limit} uncompressed bytes" if compressed else
+                                  f"member {safe_str(m.name)} declares {m.size} bytes, past the end of the file")
+                        break
                     end = m.offset_data + (-(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if m.isreg() else 0)
                     if m.isdir():
                         continue
