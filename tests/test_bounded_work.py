@@ -184,3 +184,23 @@ def test_a_gzip_bomb_shard_stops_at_the_ratio_limit(tmp_path, deadline, monkeypa
     kept, bad = ingest_source("webdataset", shard)
     assert [r["captions"] for r in kept] == [["a green square"]]
     assert any("decompression_bomb" in json.loads(r["meta"]).get("error", "") for r in bad)
+
+
+def test_an_unterminated_quote_in_a_csv_costs_only_its_line(tmp_path, deadline):
+    """It used to fold every following line into one field: 51 lines read as 1 row."""
+    _image(tmp_path)
+    lines = ["image,caption", 'a.png,"a red square that never closes its quote']
+    lines += [f"a.png,red square number {i}" for i in range(49)]
+    lines += ['a.png,"a caption with a line break\ninside its quotes"']
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    kept, bad = ingest_source("csv", tmp_path / "m.csv")
+    assert [r["reason"] for r in bad] == ["bad_csv: line 2: unterminated quote"]
+    (rec,) = kept  # every row names a.png: one record
+    assert len(rec["captions"]) == 50 and "a caption with a line break inside its quotes" in rec["captions"]
+
+
+def test_a_csv_of_unclosed_quotes_is_read_in_linear_time(tmp_path, deadline):
+    _image(tmp_path)
+    (tmp_path / "m.csv").write_text("image,caption\n" + 'a.png,"open\n' * 20_000)
+    kept, bad = ingest_source("csv", tmp_path / "m.csv")
+    assert not kept and len(bad) == 20_000

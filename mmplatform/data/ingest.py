@@ -42,6 +42,8 @@ import logging
 import os
 import re
 import stat
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -312,6 +314,98 @@ def parse_fields(obj: dict[str, Any], partial: dict[str, Any], where: str, *, tr
     return partial
 
 
+# A quoted cell may hold line breaks, but no caption row runs this long; the bound keeps a file of unclosed quotes
+# linear (each bad line costs at most this many lines read again).
+MAX_CSV_ROW_LINES = 64
+
+
+class _PhysicalLines:
+    """The lines of a text file for ``csv.reader``, numbered, with the lines of the row being read kept so that
+    they can be read again (see :func:`_csv_rows`)."""
+
+    def __init__(self, f: Any):
+        self._f, self._n = f, 0
+        self.pending: deque[tuple[int, str]] = deque()
+        self.row: list[tuple[int, str]] = []  # the (number, line) pairs the current row was read from
+
+    def __iter__(self) -> _PhysicalLines:
+        return self
+
+    def __next__(self) -> str:
+        if len(self.row) >= MAX_CSV_ROW_LINES:
+            raise csv.Error(f"a row longer than {MAX_CSV_ROW_LINES} lines")
+        if self.pending:
+            item = self.pending.popleft()
+        else:
+            self._n += 1
+            item = (self._n, next(self._f))
+        self.row.append(item)
+        return item[1]
+
+
+def _swallowed_rows(continuation: list[tuple[int, str]], n_fields: int) -> bool:
+    """Whether the lines a quoted cell ran on into include one that is a whole row by itself (the header's number
+    of fields, its quotes balanced): then the quote was never meant to close, and it took rows with it. A
+    caption with a line break continues with text that is not a row."""
+    for _, line in continuation:
+        if line.count('"') % 2 == 0 and len(next(csv.reader([line]), [])) == n_fields:
+            return True
+    return False
+
+
+def _unterminated(row: list[tuple[int, str]]) -> bool:
+    """Whether the row's quoting is broken where the lenient parser hides it: a quoted cell still open when the
+    file ended, or, for a row over several lines, any quoting the strict parser refuses (a quote that closed
+    on a later line in the middle of a cell)."""
+    raw = [line for _, line in row]
+    if len(raw) == 1 and sum(line.count('"') for line in raw) % 2 == 0:
+        return False  # one line, balanced: what the lenient parser reads is what the file says
+    try:
+        list(csv.reader(raw, strict=True))
+    except csv.Error as exc:
+        return len(raw) > 1 or "unexpected end of data" in str(exc)
+    return False
+
+
+def _csv_rows(f: Any) -> Iterator[tuple[int, dict[str | None, Any] | None, str | None]]:
+    """``(line, row as DictReader gives it, None)`` per CSV row, or ``(line, None, reason)`` for a line that is not
+    a row. A quote that is never closed makes ``csv`` fold every following line into one field; such a row (it
+    ran on into lines that are rows themselves, :func:`_swallowed_rows`, or broke the parser) costs only its
+    first line, and reading starts again at the next one."""
+    lines = _PhysicalLines(f)
+    reader = csv.reader(lines)
+    header: list[str] | None = None
+    while True:
+        lines.row = []
+        try:
+            row = next(reader)
+            broken = None
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            row, broken = [], str(exc)
+        if header is None and broken is None:
+            header = row
+            continue
+        if broken is None and (len(lines.row) > 1 and _swallowed_rows(lines.row[1:], len(header or []))
+                               or _unterminated(lines.row)):
+            broken = "unterminated quote"
+        if broken is not None:
+            first, *rest = lines.row or [(0, "")]
+            lines.pending.extendleft(reversed(rest))
+            reader = csv.reader(lines)  # a fresh parser, at the line after the bad one
+            yield first[0], None, broken
+            continue
+        if not row:
+            continue  # a blank line, as DictReader skips it
+        out: dict[str | None, Any] = dict(zip(header or [], row, strict=False))
+        if len(row) > len(header or []):
+            out[None] = row[len(header or []):]
+        for key in (header or [])[len(row):]:
+            out[key] = None
+        yield lines.row[-1][0], out, None
+
+
 def _captions(captions: Any, singles: list[Any]) -> list[str]:
     out: list[str] = []
     if captions is not None:
@@ -384,20 +478,11 @@ def ingest_csv(path: Path, loader: Loader, *, text_alias: bool = False,
     stats = TextStats()
     with open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
                                                    newline="") as f:
-        reader = csv.DictReader(f)
-        lineno = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                bad_line = reader.line_num or lineno + 1
-                quarantined.append(quarantine_row({}, f"{kind}:{path}:{bad_line}", f"bad_csv: line {bad_line}",
-                                                  f"{path}:{bad_line}"))
-                lineno = reader.line_num
+        for lineno, row, bad in _csv_rows(f):
+            if bad is not None:
+                quarantined.append(quarantine_row({}, f"{kind}:{path}:{lineno}", f"bad_csv: line {lineno}: {bad}",
+                                                  f"{path}:{lineno}"))
                 continue
-            lineno = reader.line_num
             source = f"{kind}:{path}:{lineno}"
             where = f"{path}:{lineno}"
             partial: dict[str, Any] = {"meta": {}}
