@@ -40,6 +40,7 @@ def test_a_pickled_champion_never_runs_through_our_load_path(tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MMP_WORKSPACE", str(tmp_path))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("canary")  # not an experiment id an earlier test left active in another store
     canary = tmp_path / "pwned"
     files = tmp_path / "base"
     files.mkdir()
