@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from netwatch import TreeWatch, exposed
 from safetensors.torch import load_file
 
 from mmplatform.config import TrainParams
@@ -230,8 +231,19 @@ def runs(dataset, tmp_path_factory):
     one = train(p.model_copy(update={"num_workers": 0}), dataset, root / "one")  # one worker, local mode
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
-    two = train(p.model_copy(update={"num_workers": 2}), dataset, root / "two", fault_inject_step=FAULT_STEP)
-    return {"one": (*one, root / "one"), "two": (*two, root / "two")}
+    with TreeWatch() as sockets:  # what the run listens on: its own test below
+        two = train(p.model_copy(update={"num_workers": 2}), dataset, root / "two", fault_inject_step=FAULT_STEP)
+    return {"one": (*one, root / "one"), "two": (*two, root / "two"), "sockets": sockets.seen}
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_two_worker_training_listens_on_loopback_only(runs):
+    """Ray (GCS, raylet, agents, the two workers and their restart) and the process group's store and gloo
+    connections: nothing listens beyond loopback. Without the loopback store, the RayTrainWorker's TCPStore
+    listened on ::."""
+    assert runs["sockets"], "the watch saw no listening socket at all"
+    assert not exposed(runs["sockets"]), f"listening beyond loopback: {exposed(runs['sockets'])}"
 
 
 @pytest.mark.slow

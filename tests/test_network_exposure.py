@@ -9,38 +9,23 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
+from netwatch import exposed, listening
 from PIL import Image
 
 from mmplatform.data.dataset import make_record, write_dataset
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # the last: IPv4 loopback on a dual-stack socket
-
-
-def _listening() -> set[tuple[str, int, str]]:
-    """(address, port, process name) of every listening socket on the machine."""
-    out = set()
-    for c in psutil.net_connections(kind="inet"):
-        if c.status == psutil.CONN_LISTEN:
-            try:
-                name = " ".join(psutil.Process(c.pid).cmdline()[:3]) if c.pid else "?"
-            except psutil.Error:
-                name = "?"
-            out.add((c.laddr.ip, c.laddr.port, name))
-    return out
-
 
 def _watch(cmd: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, set[tuple[str, int, str]]]:
     """Run ``cmd`` and collect every listening socket that appears on the machine while it runs."""
-    before = _listening()
+    before = listening()
     seen: set[tuple[str, int, str]] = set()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        seen |= _listening() - before
+        seen |= listening() - before
         time.sleep(0.1)
     if proc.poll() is None:
         proc.kill()
@@ -62,31 +47,8 @@ def test_clean_on_ray_listens_on_loopback_only(tmp_path):
                         timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert seen, "Ray started no listening socket at all: the test saw nothing"
-    exposed = sorted(s for s in seen if s[0] not in LOOPBACK)
-    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert not exposed(seen), f"listening beyond loopback: {exposed(seen)}"
 
 
-TRAIN = """
-import sys
-from mmplatform.config import TrainParams
-from mmplatform.data.dataset import write_dataset
-from mmplatform.data.synthetic import generate_synthetic
-from mmplatform.train.recipe import run_training
-
-data = sys.argv[1] + "/data"
-write_dataset(data, generate_synthetic(n_train=64, n_val=16, n_test=1, n_test_compositional=1), stage="test")
-tiny = {"epochs": 1, "batch_size": 32, "embed_dim": 32, "warmup_steps": 1, "cpus_per_worker": 1, "num_workers": 2,
-        "vision": {"hidden_size": 32, "layers": 1, "heads": 2}, "text": {"hidden_size": 32, "layers": 1, "heads": 2},
-        "decoder": {"hidden_size": 32, "layers": 1, "heads": 2}}
-run_training(TrainParams.model_validate(tiny), train_dir=data, val_dir=data, out_dir=sys.argv[1] + "/model",
-             cache_dir=sys.argv[1] + "/cache")
-"""
-
-
-def test_training_on_ray_train_listens_on_loopback_only(tmp_path):
-    """Two workers: the process group's store and gloo's connections included."""
-    done, seen = _watch([sys.executable, "-c", TRAIN, str(tmp_path)], timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert seen
-    exposed = sorted(s for s in seen if s[0] not in LOOPBACK)
-    assert not exposed, f"listening beyond loopback: {exposed}"
+# Training on two Ray Train workers is watched the same way during tests/test_distributed.py's runs
+# (test_two_worker_training_listens_on_loopback_only), so no training is paid for twice.
