@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
 
     if overrides and which != "retrain":
         _fail("-S overrides are taken by `mmp run` / `mmp flow retrain`")
+    from prefect.exceptions import ExternalSignal
+
+    signal.signal(signal.SIGTERM, _terminated)  # outside Prefect's engine too, SIGTERM ends the run as Ctrl-C does
     try:
         with workspace_lock(workdir):
             if which == "retrain":
@@ -67,6 +71,14 @@ def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
                 (data_flow if which == "data" else train_flow)(str(workdir))
     except (StageFailed, WorkspaceBusy) as exc:
         _fail(str(exc))
+    except (KeyboardInterrupt, ExternalSignal):
+        typer.echo("error: stopped by a signal: the running stage was stopped with its processes; the next mmp run "
+                   "runs it and the stages after it again", err=True)
+        raise typer.Exit(130) from None
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _report(summary: dict) -> None:

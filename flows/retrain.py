@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
@@ -57,20 +58,44 @@ def dvc_stage(stage: str, workdir: str, env: dict[str, str]) -> dict[str, Any]:
     """Run one DVC stage; its output streams into the Prefect log. A failed try is retried once (a
     training stage resumes from its last checkpoint)."""
     logger = get_run_logger()
+    # Its own session: a Ctrl-C in the terminal reaches mmp, which then stops the stage's whole tree itself.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     tail: deque[str] = deque(maxlen=20)
     ran = False
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail.append(line)
-        ran = ran or line.startswith(f"Running stage '{stage}'")
-        logger.info("%s", line)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            ran = ran or line.startswith(f"Running stage '{stage}'")
+            logger.info("%s", line)
+    except BaseException:  # SIGTERM/SIGINT (Prefect's TerminationSignal, KeyboardInterrupt): stop the stage first
+        stop_tree(proc.pid)
+        raise
     if proc.wait() != 0:
         errors = [ln for ln in tail if ln.startswith(("error:", "ERROR"))]
         raise StageFailed(f"stage {stage} failed: {(errors or list(tail) or ['no output'])[-1]}")
     return {"stage": stage, "ran": ran}
+
+
+def stop_tree(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM a stage's process and every process below it (DVC, the stage's Python, Ray's workers), then
+    SIGKILL whatever is left after ``grace_s``. DVC writes dvc.lock only after a stage succeeds, so the stopped
+    stage, and those after it, run again next time."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 @flow(name="data")
