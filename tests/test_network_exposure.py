@@ -5,6 +5,8 @@ code it is sent."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import subprocess
 import sys
 import time
@@ -52,3 +54,15 @@ def test_clean_on_ray_listens_on_loopback_only(tmp_path):
 
 # Training on two Ray Train workers is watched the same way during tests/test_distributed.py's runs
 # (test_two_worker_training_listens_on_loopback_only), so no training is paid for twice.
+
+
+def test_importing_the_package_sets_loopback_no_pickle_and_no_telemetry():
+    """In a fresh interpreter with none of the variables set, before anything imports Ray or MLflow."""
+    keys = ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY",
+            "HF_HUB_DISABLE_TELEMETRY", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
+    env = {k: v for k, v in os.environ.items() if k not in keys and k != "RAY_ADDRESS"}
+    code = f"import json, os, mmplatform.data.clean; print(json.dumps({{k: os.environ.get(k) for k in {keys!r}}}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                               "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
+                               "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}

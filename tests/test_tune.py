@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from netwatch import TreeWatch, exposed
 
 from mmplatform.config import ConfigError, TrainParams, TuneParams, load_params, validate
 from mmplatform.train import tune as tune_mod
@@ -97,7 +98,10 @@ def test_sweep_stops_bad_trials_logs_child_runs_and_writes_best_params(tmp_path,
         "search_space": {"lr": {"grid": [GOOD_LR, BAD_LR]}}, "num_samples": 2, "metric": "val_total",
         "mode": "min", "grace_period": 1, "reduction_factor": 2, "cpus_per_trial": 1}}))
 
-    assert stage.main(["--params", "params.yaml"]) == 0
+    with TreeWatch() as sockets:
+        assert stage.main(["--params", "params.yaml"]) == 0
+    # Ray Tune's trials (and this process's Ray) listen on loopback only.
+    assert sockets.seen and not exposed(sockets.seen), f"listening beyond loopback: {exposed(sockets.seen)}"
 
     # --------------------------------------------------------------- the trials and ASHA
     best = json.loads((tmp_path / "reports/tune/best.json").read_text())
