@@ -13,13 +13,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Ray Data (clean) and Ray Train's worker group (rl_finetune) are tested on their own (test_clean.py,
+# test_rl.py, test_network_exposure.py); here the clean and RL stages run without starting Ray again (~35 s).
 TINY = {
     "ingest": {"synthetic": {"n_train": 384, "n_val": 64, "n_test": 64, "n_test_compositional": 32}},
+    "clean": {"engine": "local"},
     "train": {"epochs": 6, "batch_size": 32, "lr": 2e-3, "warmup_steps": 10, "embed_dim": 64,
               "vision": {"hidden_size": 64, "layers": 1, "heads": 2},
               "text": {"hidden_size": 64, "layers": 1, "heads": 2},
               "decoder": {"hidden_size": 64, "layers": 1, "heads": 2}},
-    "rl_finetune": {"steps": 4, "batch_size": 8, "heldout_images": 16, "log_every": 2},
+    "rl_finetune": {"steps": 4, "batch_size": 8, "heldout_images": 16, "log_every": 2, "num_workers": 0},
     "evaluate": {"grid_images": 4},
 }
 
