@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from netwatch import TreeWatch, exposed
 from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
@@ -251,7 +252,9 @@ def test_clean_dataset_local_engine_in_row_ranges(tmp_path, photos):
 def test_clean_dataset_on_ray_data_matches_local(tmp_path, photos):
     _dataset(tmp_path, photos)
     local = clean_dataset(tmp_path / "in", tmp_path / "local", CleanParams(engine="local", rows_per_task=10))
-    on_ray = clean_dataset(tmp_path / "in", tmp_path / "ray", CleanParams(engine="ray", rows_per_task=10))
+    with TreeWatch() as sockets:  # Ray's processes (GCS, raylet, agents, Data workers) on loopback only
+        on_ray = clean_dataset(tmp_path / "in", tmp_path / "ray", CleanParams(engine="ray", rows_per_task=10))
+    assert sockets.seen and not exposed(sockets.seen), f"listening beyond loopback: {exposed(sockets.seen)}"
     assert on_ray["engine"] == "ray"
     for key in ("kept", "quarantined", "reasons", "splits", "image_issues_flagged"):
         assert on_ray[key] == local[key]
