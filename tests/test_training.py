@@ -156,7 +156,7 @@ def test_generate_agrees_with_teacher_forced_logprobs_and_roundtrips(tiny_data, 
 HEADS = {
     "contrastive": (("vision.", "text.", "img_proj", "txt_proj", "logit_scale"), 80, 2e-3, 0.8),
     "triplet": (("vision.", "text.", "img_proj", "txt_proj"), 25, 5e-4, 0.85),
-    "itm": (("vision.", "text.", "fusion.", "itm_head."), 200, 1e-3, 0.95),
+    "itm": (("vision.", "text.", "fusion.", "itm_head."), 120, 1e-3, 0.95),
     "captioning": (("vision.", "decoder.", "memory_proj."), 25, 2e-3, 0.8),
     "mlm": (("vision.", "text.", "mlm_head."), 25, 2e-3, 0.8),
     "vqa": (("vision.", "text.", "fusion.", "vqa_head."), 25, 2e-3, 0.8),
