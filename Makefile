@@ -10,9 +10,13 @@ STAMP := $(VENV)/.installed
 # (Re)create the environment only when the lock or the project metadata changed.
 # --no-deps: the lock is the whole, exact dependency set (torch 2.13.0 CPU wheel included), so nothing
 # can pull a different torch or FastAPI; no resolver, same versions every time.
+# Bytecode: pip compiles every installed file one at a time (~90 s of a 3-minute install on 2 cores);
+# compileall does the same on all cores (~57 s). A file that does not compile is only left uncached.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-compile -r requirements.lock
+	@$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		> /dev/null 2>&1 || true
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
