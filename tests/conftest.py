@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "ingest": {"synthetic": {"n_train": 384, "n_val": 64, "n_test": 64, "n_test_compositional": 32}},
     "clean": {"engine": "local"},
-    "train": {"epochs": 6, "batch_size": 32, "lr": 2e-3, "warmup_steps": 10, "embed_dim": 64,
+    "train": {"epochs": 4, "batch_size": 32, "lr": 2e-3, "warmup_steps": 10, "embed_dim": 64,
               "vision": {"hidden_size": 64, "layers": 1, "heads": 2},
               "text": {"hidden_size": 64, "layers": 1, "heads": 2},
               "decoder": {"hidden_size": 64, "layers": 1, "heads": 2}},
