@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -421,6 +422,24 @@ def _one_line(err: ValidationError, where: str) -> str:
     return f"{where}: {key}: {reason}{more}"
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads on/off/yes/no/y/n as
+    booleans, so ``alignment.mode: off`` (or ``-S clean.alignment.mode=off``) arrived as False and was refused as
+    "Input should be 'off', ..."; a boolean key still takes on/off/yes/no (pydantic reads those strings)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as params.yaml and ``-S`` values are read (:class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` → (["section", "key"], value parsed as a YAML scalar)."""
     if "=" not in text:
@@ -430,7 +449,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) < 2:
         raise ConfigError(f"override {key!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: bad value {raw!r}: {exc.__class__.__name__}") from None
     if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; a user means the number
@@ -491,7 +510,7 @@ def read_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return raw

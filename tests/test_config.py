@@ -160,3 +160,15 @@ def test_bench_recipes_are_valid_train_sections():
     assert files
     for f in files:
         TrainParams.model_validate(yaml.safe_load(f.read_text())["train"])
+
+
+def test_off_on_yes_no_are_words_not_booleans(tmp_path):
+    """YAML 1.1 read `mode: off` as False, so the documented value was refused as "Input should be 'off', ...";
+    params files and -S values are read with YAML 1.2's booleans (true/false only)."""
+    p = load_params(ROOT / "params.yaml", ["clean.alignment.mode=off", "train.foil_negatives=no"])
+    assert p.clean.alignment.mode == "off" and p.train.foil_negatives is False
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["clean"]["alignment"]["mode"] = "off"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw).replace("mode: 'off'", "mode: off"))
+    assert "mode: off" in (tmp_path / "params.yaml").read_text()
+    assert load_params(tmp_path / "params.yaml").clean.alignment.mode == "off"
