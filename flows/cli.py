@@ -56,11 +56,9 @@ def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
     if not (workdir / "dvc.yaml").is_file():
         _fail(f"{workdir}: no dvc.yaml here; run mmp from the project root or pass --workdir")
     _prefect_env(workdir)
-    from flows.retrain import StageFailed, WorkspaceBusy, data_flow, retrain, train_flow, workspace_lock
-
-    if overrides and which != "retrain":
-        _fail("-S overrides are taken by `mmp run` / `mmp flow retrain`")
     from prefect.exceptions import ExternalSignal
+
+    from flows.retrain import StageFailed, WorkspaceBusy, data_flow, retrain, run_overrides, train_flow, workspace_lock
 
     signal.signal(signal.SIGTERM, _terminated)  # outside Prefect's engine too, SIGTERM ends the run as Ctrl-C does
     try:
@@ -68,7 +66,8 @@ def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
             if which == "retrain":
                 _report(retrain(str(workdir), overrides))
             else:
-                (data_flow if which == "data" else train_flow)(str(workdir))
+                with run_overrides(workdir, overrides):
+                    (data_flow if which == "data" else train_flow)(str(workdir))
     except (StageFailed, WorkspaceBusy) as exc:
         _fail(str(exc))
     except (KeyboardInterrupt, ExternalSignal):
@@ -130,10 +129,10 @@ def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DV
     if not (wd / "dvc.yaml").is_file():
         _fail(f"{wd}: no dvc.yaml here; run mmp from the project root or pass --workdir")
     _prefect_env(wd)
-    from flows.retrain import WorkspaceBusy, overridden_params, stage_env, workspace_lock
+    from flows.retrain import WorkspaceBusy, run_overrides, stage_env, workspace_lock
 
     try:
-        with workspace_lock(wd), overridden_params(wd / "params.yaml", set_ or []):
+        with workspace_lock(wd), run_overrides(wd, set_ or []):
             rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "tune"], cwd=wd, env=stage_env(wd, None))
     except WorkspaceBusy as exc:
         _fail(str(exc))

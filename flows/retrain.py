@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from mmplatform import tracking
-from mmplatform.config import apply_overrides, load_params, read_raw, validate
+from mmplatform.config import OVERRIDES_FILE, ConfigError, load_params, overrides_text, read_overrides
 
-DATA_STAGES = ("ingest", "annotate", "clean", "augment")
+DATA_STAGES = ("params", "ingest", "annotate", "clean", "augment")
 TRAIN_STAGES = ("train", "rl_finetune", "evaluate", "register")
 
 
@@ -114,7 +113,7 @@ class WorkspaceBusy(RuntimeError):
     pass
 
 
-STATE_DIR = ".mmp"  # inside the workspace: the run lock and the saved params.yaml of a run with overrides
+STATE_DIR = ".mmp"  # inside the workspace: the run lock, the run's overrides and its params file
 _held: dict[Path, int] = {}  # workspaces this process holds, with a count (retrain inside mmp run re-enters)
 
 
@@ -145,7 +144,7 @@ def workspace_lock(workdir: str | Path) -> Iterator[None]:
         f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
         f.flush()
         _held[wd] = 1
-        restore_interrupted_params(wd)
+        clear_interrupted_overrides(wd)
         try:
             yield
         finally:
@@ -163,45 +162,37 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _saved_params(workdir: Path) -> Path:
-    return workdir / STATE_DIR / "params.yaml.orig"
-
-
-def restore_interrupted_params(workdir: Path) -> bool:
-    """A run with overrides that was killed before it could restore params.yaml left the user's file in
-    ``.mmp/params.yaml.orig``: put it back (called under the workspace lock, so no run is using it)."""
-    saved = _saved_params(workdir)
-    if not saved.exists():
+def clear_interrupted_overrides(workdir: Path) -> bool:
+    """A run killed before it could empty ``.mmp/overrides.yaml`` left its ``-S`` values there: empty the list
+    (called under the workspace lock, so no run is using it), so that no later run inherits them."""
+    path = workdir / OVERRIDES_FILE
+    try:
+        left = read_overrides(path)
+    except ConfigError:
+        left = ["(unreadable)"]
+    if not left:
         return False
-    _atomic_write(workdir / "params.yaml", saved.read_text())
-    saved.unlink()
-    logging.getLogger(__name__).warning("params.yaml: restored the file a killed run with -S overrides had "
-                                        "changed")
+    _atomic_write(path, overrides_text([]))
+    logging.getLogger(__name__).warning("%s: emptied the -S overrides a killed run left: %s", OVERRIDES_FILE,
+                                        " ".join(left))
     return True
 
 
 @contextlib.contextmanager
-def overridden_params(path: Path, overrides: list[str]) -> Iterator[None]:
-    """The overrides in params.yaml for this run (DVC reads the file), then the user's file back, byte for byte.
-
-    The user's file is first saved (fsynced) to ``.mmp/params.yaml.orig`` and every write is a rename, so a
-    kill at any point leaves either the user's file or the saved copy, which the next run restores
-    (:func:`restore_interrupted_params`). Callers hold :func:`workspace_lock`."""
-    if not overrides:
-        yield
-        return
-    original = path.read_text()
-    raw = apply_overrides(read_raw(path), overrides)
-    validate(raw, str(path))
-    saved = _saved_params(path.parent)
-    saved.parent.mkdir(exist_ok=True)
-    _atomic_write(saved, original)
-    _atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
+def run_overrides(workdir: Path, overrides: list[str]) -> Iterator[None]:
+    """This run's ``-S`` values in ``.mmp/overrides.yaml``, where the params stage merges them with params.yaml
+    into the file the stages read; emptied when the run ends. params.yaml itself is only ever read, so no kill
+    can change it. Callers hold :func:`workspace_lock`."""
+    path = workdir / OVERRIDES_FILE
+    path.parent.mkdir(exist_ok=True)
+    text = overrides_text(overrides)
+    if not path.is_file() or path.read_text() != text:
+        _atomic_write(path, text)
     try:
         yield
     finally:
-        _atomic_write(path, original)
-        saved.unlink(missing_ok=True)
+        if overrides:
+            _atomic_write(path, overrides_text([]))
 
 
 @flow(name="retrain")
@@ -215,7 +206,7 @@ def retrain(workdir: str = ".", overrides: list[str] | None = None) -> dict[str,
     os.environ["MMP_WORKSPACE"] = str(wd)
     tracking.setup()
     name = f"retrain-{flow_run.get_name() or 'local'}"
-    with workspace_lock(wd), overridden_params(wd / "params.yaml", overrides), \
+    with workspace_lock(wd), run_overrides(wd, overrides), \
             mlflow.start_run(run_name=name) as parent:
         mlflow.set_tags({"mmp.flow": "retrain", "prefect_flow_run_id": str(flow_run.get_id()),
                          "overrides": " ".join(overrides) or "none"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -519,3 +520,50 @@ def read_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     raw = apply_overrides(read_raw(path), overrides or [])
     return validate(raw, str(path))
+
+
+# A run's overrides never touch the user's params.yaml: `mmp run -S` writes them to OVERRIDES_FILE (tracked,
+# an empty list between runs) and the `params` stage merges both into RUN_PARAMS, the file every other stage
+# reads and lists its params from. DVC then records the values a run used in dvc.lock, and an override
+# re-runs exactly the stages whose keys it changes.
+OVERRIDES_FILE = ".mmp/overrides.yaml"
+RUN_PARAMS = ".mmp/run_params.yaml"
+_RUN_PARAMS_HEADER = ("# Written by the params stage: params.yaml with this run's -S overrides (.mmp/overrides.yaml).\n"
+                      "# Edit params.yaml, not this file.\n")
+
+
+def read_overrides(path: str | Path = OVERRIDES_FILE) -> list[str]:
+    """The ``section.key=value`` list in ``path``; a missing or empty file is no overrides."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        data = load_yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return []
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise ConfigError(f"{path}: expected a list of section.key=value strings")
+    return data
+
+
+def overrides_text(overrides: list[str]) -> str:
+    body = yaml.safe_dump(list(overrides), default_flow_style=False) if overrides else "[]\n"
+    return "# `mmp run -S` writes the run's overrides here and empties the list when the run ends.\n" + body
+
+
+def write_run_params(params: str | Path = "params.yaml", overrides: str | Path = OVERRIDES_FILE,
+                     out: str | Path = RUN_PARAMS) -> Params:
+    """``params`` with the overrides in ``overrides`` applied, validated, written to ``out`` (sections in
+    params.yaml's order, comments dropped); the same inputs give the same bytes, so DVC re-runs no stage
+    whose keys kept their values."""
+    ovs = read_overrides(overrides)
+    raw = apply_overrides(read_raw(params), ovs)
+    validated = validate(raw, f"{params} with {overrides}" if ovs else str(params))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(_RUN_PARAMS_HEADER + yaml.safe_dump(raw, sort_keys=False))
+    os.replace(tmp, out)
+    return validated

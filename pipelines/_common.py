@@ -7,12 +7,13 @@ import logging
 import sys
 from collections.abc import Callable
 
-from mmplatform.config import ConfigError, Params, load_params
+from mmplatform.config import RUN_PARAMS, ConfigError, Params, load_params
 
 
 def run_stage(stage: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m pipelines.{stage}")
-    ap.add_argument("--params", default="params.yaml")
+    # The params stage's output: params.yaml with the run's -S overrides (``dvc repro`` makes it first).
+    ap.add_argument("--params", default=RUN_PARAMS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s")
     try:

@@ -64,7 +64,8 @@ def make_workspace(path: Path, params: dict | None = None) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for d in ("mmplatform", "pipelines"):
         shutil.copytree(ROOT / d, path / d, ignore=ignore)
-    for f in ("dvc.yaml", ".dvcignore"):
+    for f in ("dvc.yaml", ".dvcignore", ".mmp/overrides.yaml"):
+        (path / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / f, path / f)
     (path / "data/annotations").mkdir(parents=True)
     (path / "data/annotations/README.md").write_text("exports go here\n")

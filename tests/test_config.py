@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mmplatform.config import (
+    RUN_PARAMS,
     ConfigError,
     Params,
     TrainParams,
@@ -27,10 +28,22 @@ def test_shipped_params_load_and_match_defaults():
         "params.yaml and the typed defaults in mmplatform/config.py have drifted apart"
 
 
+def _keys(stage: dict) -> list[str]:
+    """The params keys a dvc.yaml stage lists; every one must come from the run's params file (params.yaml with
+    the -S overrides), never from params.yaml itself, which would miss the overrides."""
+    entries = stage.get("params", [])
+    assert all(isinstance(e, dict) and list(e) == [RUN_PARAMS] for e in entries), entries
+    return [k for e in entries for k in e[RUN_PARAMS]]
+
+
+# The stage that writes the run's params file reads params.yaml whole, as a dep.
+NOT_A_SECTION = {"params"}
+
+
 def test_every_params_key_named_in_dvc_yaml_exists():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    named = [k for s in stages.values() for k in s.get("params", [])]
+    named = [k for s in stages.values() for k in _keys(s)]
     assert named
     for key in named:
         node = params
@@ -48,7 +61,7 @@ OWN_SECTION_WHOLE = {"rl_finetune"}
 def test_each_stage_reads_only_its_own_section():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, s in stages.items():
-        own = [k for k in s.get("params", []) if k not in READS_WHOLE.get(name, set())]
+        own = [k for k in _keys(s) if k not in READS_WHOLE.get(name, set())]
         assert {k.split(".")[0] for k in own} <= {name}, name
         assert f"pipelines/{name}.py" in s["deps"], f"{name} does not list its own code"
 
@@ -124,10 +137,13 @@ def test_each_stage_lists_every_key_of_its_section():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, s in stages.items():
-        if name in OWN_SECTION_WHOLE:
-            assert name in s.get("params", []), f"{name}: dvc.yaml should list the whole section"
+        if name in NOT_A_SECTION:
+            assert "params.yaml" in s["deps"] and not _keys(s)
             continue
-        listed = {k.split(".", 1)[1] for k in s.get("params", []) if k.startswith(f"{name}.")}
+        if name in OWN_SECTION_WHOLE:
+            assert name in _keys(s), f"{name}: dvc.yaml should list the whole section"
+            continue
+        listed = {k.split(".", 1)[1] for k in _keys(s) if k.startswith(f"{name}.")}
         assert listed == set(params[name]), f"{name}: dvc.yaml lists {sorted(listed)}"
 
 

@@ -72,9 +72,17 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
     assert len(client.search_model_versions("name='mmplatform'")) == 1
 
     # One params key changed: only that stage and the ones after it run again.
+    user_params = (ws / "params.yaml").read_bytes()
     assert main(["run", "--workdir", str(ws), "-S", "evaluate.grid_images=2"]) == 0
     versions = client.search_model_versions("name='mmplatform'")
     assert len(versions) == 1  # evaluate re-ran; its metrics did not change, so register was skipped
+    # The override reached the stage and dvc.lock, never params.yaml.
+    import yaml
+
+    from mmplatform.config import RUN_PARAMS
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert lock["evaluate"]["params"][RUN_PARAMS]["evaluate.grid_images"] == 2
+    assert (ws / "params.yaml").read_bytes() == user_params
 
     # The clean run carries the data report for auditors.
     clean_run = next(r for r in children if r.data.tags["mmp.stage"] == "clean")
