@@ -26,6 +26,7 @@ app.add_typer(study_app, name="study")
 FORMATS = "coco | jsonl | csv | webdataset | imagefolder | labelstudio | synthetic"
 
 SetOpt = Annotated[list[str] | None, typer.Option("-S", "--set", help="section.key=value, for this run")]
+WaitOpt = Annotated[bool, typer.Option(help="when another run holds this workspace, wait for it instead of exiting")]
 ForceOpt = Annotated[bool, typer.Option(help="replace OUT even when it is not a dataset mmp wrote (its files are "
                                              "deleted)")]
 
@@ -45,7 +46,7 @@ def _prefect_env(workdir: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
+def _run_flow(which: str, workdir: Path, overrides: list[str], wait: bool = False) -> None:
     from mmplatform.config import ConfigError, load_params
 
     params_file = workdir / "params.yaml"
@@ -62,7 +63,7 @@ def _run_flow(which: str, workdir: Path, overrides: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, _terminated)  # outside Prefect's engine too, SIGTERM ends the run as Ctrl-C does
     try:
-        with workspace_lock(workdir):
+        with workspace_lock(workdir, wait=wait):
             if which == "retrain":
                 _report(retrain(str(workdir), overrides))
             else:
@@ -101,22 +102,24 @@ def _report(summary: dict) -> None:
 
 
 @app.command()
-def run(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+def run(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path("."),
+        wait: WaitOpt = False) -> None:
     """Run the whole retraining flow (data → train → RL → evaluate → register) on embedded defaults."""
-    _run_flow("retrain", workdir.resolve(), set_ or [])
+    _run_flow("retrain", workdir.resolve(), set_ or [], wait)
 
 
 @app.command("flow")
 def flow_cmd(name: Annotated[str, typer.Argument(help="data | train | retrain")], set_: SetOpt = None,
-             workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+             workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path("."), wait: WaitOpt = False) -> None:
     """Run one flow."""
     if name not in ("data", "train", "retrain"):
         _fail(f"flow {name!r}: expected data, train or retrain")
-    _run_flow(name, workdir.resolve(), set_ or [])
+    _run_flow(name, workdir.resolve(), set_ or [], wait)
 
 
 @app.command("tune")
-def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
+def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path("."),
+             wait: WaitOpt = False) -> None:
     """Ray Tune sweep (`dvc repro tune`): params.yaml's tune section over its train section; the best config
     goes to params/tuned_train.yaml, each trial to an MLflow child run. -S applies to this run only."""
     from mmplatform.config import ConfigError, load_params
@@ -132,7 +135,7 @@ def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DV
     from flows.retrain import WorkspaceBusy, run_overrides, stage_env, workspace_lock
 
     try:
-        with workspace_lock(wd), run_overrides(wd, set_ or []):
+        with workspace_lock(wd, wait=wait), run_overrides(wd, set_ or []):
             rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "tune"], cwd=wd, env=stage_env(wd, None))
     except WorkspaceBusy as exc:
         _fail(str(exc))

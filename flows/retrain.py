@@ -118,9 +118,11 @@ _held: dict[Path, int] = {}  # workspaces this process holds, with a count (retr
 
 
 @contextlib.contextmanager
-def workspace_lock(workdir: str | Path) -> Iterator[None]:
+def workspace_lock(workdir: str | Path, wait: bool = False) -> Iterator[None]:
     """One run at a time per workspace: an exclusive ``flock`` on ``<workdir>/.mmp/run.lock`` for the run. A
-    second run fails at once with one line; the kernel releases the lock when its holder dies, however it dies."""
+    second run fails at once with one line naming the holder (pid, start time, Prefect flow run once it has
+    one), or with ``wait`` queues behind it; the kernel releases the lock when its holder dies, however it
+    dies, so a killed run's lock is taken over by the next."""
     wd = Path(workdir).resolve()
     if wd in _held:
         _held[wd] += 1
@@ -137,8 +139,11 @@ def workspace_lock(workdir: str | Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise WorkspaceBusy(f"{wd}: another mmp run ({holder}) is using this workspace; wait for it to end "
-                                "or stop it") from None
+            if not wait:
+                raise WorkspaceBusy(f"{wd}: another mmp run ({holder}) is using this workspace; wait for it to "
+                                    "end (--wait) or stop it") from None
+            logging.getLogger(__name__).warning("%s: waiting for the run that holds this workspace (%s)", wd, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
@@ -151,6 +156,13 @@ def workspace_lock(workdir: str | Path) -> Iterator[None]:
             del _held[wd]
     finally:
         f.close()  # closing releases the flock
+
+
+def name_lock_holder(workdir: str | Path, detail: str) -> None:
+    """Add ``detail`` (the Prefect flow run, once there is one) to the holder line that a refused run prints."""
+    lock = Path(workdir).resolve() / STATE_DIR / "run.lock"
+    with open(lock, "a") as f:
+        f.write(f", {detail}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -208,6 +220,7 @@ def retrain(workdir: str = ".", overrides: list[str] | None = None) -> dict[str,
     name = f"retrain-{flow_run.get_name() or 'local'}"
     with workspace_lock(wd), run_overrides(wd, overrides), \
             mlflow.start_run(run_name=name) as parent:
+        name_lock_holder(wd, f"Prefect flow run {flow_run.get_id()}")
         mlflow.set_tags({"mmp.flow": "retrain", "prefect_flow_run_id": str(flow_run.get_id()),
                          "overrides": " ".join(overrides) or "none"})
         env = stage_env(wd, parent.info.run_id)

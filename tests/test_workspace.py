@@ -79,6 +79,42 @@ def test_a_second_run_in_the_same_workspace_fails_at_once_with_one_line(tmp_path
             pass
 
 
+def test_the_refusal_names_the_flow_run_and_wait_queues_behind_the_holder(tmp_path):
+    wd = _workspace(tmp_path)
+    ready = wd / "ready"
+
+    def hold():
+        with rt.workspace_lock(wd):
+            rt.name_lock_holder(wd, "Prefect flow run 1234-abcd")
+            ready.touch()
+            time.sleep(2)
+
+    pid = _in_child(hold)
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        with pytest.raises(rt.WorkspaceBusy, match=f"pid {pid}, started .*, Prefect flow run 1234-abcd"):
+            with rt.workspace_lock(wd):
+                pass
+        t0 = time.monotonic()
+        with rt.workspace_lock(wd, wait=True):  # queues until the holder ends, then runs
+            waited = time.monotonic() - t0
+        assert waited > 1  # the holder kept it 2 s
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
+
+
 @pytest.mark.parametrize("k", range(1, 6))
 def test_a_run_killed_at_any_point_of_its_overrides_leaves_params_yaml_and_no_overrides(tmp_path, k):
     """The child writes its overrides, 'runs', empties them; it dies at its k-th fsync or rename. params.yaml is
