@@ -3,11 +3,30 @@ caption predictions for model-assisted annotation. Both are skipped when there i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """sha256 over the files that make a model (weights, config, tokenizer): equal digests, the same model."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for f in [d / "model.safetensors", d / "model_config.json", *sorted((d / "tokenizer").rglob("*"))]:
+        if f.is_file():
+            h.update(f.relative_to(d).as_posix().encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def champion_source(model_name: str, alias: str, version: int | str) -> str:
+    """How a champion is named in logs and in ``reports/eval/champion_metrics.json``."""
+    return f"models:/{model_name}@{alias} (v{version})"
 
 
 def champion_model_dir(model_name: str = "mmplatform", alias: str = "champion") -> tuple[Path, str] | None:
@@ -31,7 +50,7 @@ def champion_model_dir(model_name: str = "mmplatform", alias: str = "champion") 
     if not found:
         log.warning("champion %s v%s has no model files under %s", model_name, version.version, local)
         return None
-    return found[0].parent, f"models:/{model_name}@{alias} (v{version.version})"
+    return found[0].parent, champion_source(model_name, alias, version.version)
 
 
 def load_model(model_dir: str | Path):

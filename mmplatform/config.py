@@ -383,6 +383,10 @@ class RegisterParams(_Section):
     alias: str = "champion"
     primary_metric: str = "t2i_recall@5"
     min_improvement: float = Field(0.0, ge=0.0)
+    # Metric -> the largest drop against the champion (same test split) that still allows a promotion. Every
+    # guarded metric is one where higher is better.
+    guardrails: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=lambda: {"i2t_recall@5": 0.02, "cider_d_rl": 0.05, "vqa_accuracy": 0.02})
 
 
 class Params(_Section):

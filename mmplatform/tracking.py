@@ -70,7 +70,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, *, system_metric
     with mlflow.start_run(run_name=stage, parent_run_id=parent or None, log_system_metrics=system_metrics,
                           tags={"mmp.stage": stage}) as run:
         if params:
-            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            flat = {metric_name(k): str(v)[:6000] for k, v in flatten(params).items()}
             items = list(flat.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))

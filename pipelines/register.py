@@ -1,4 +1,5 @@
-"""Stage register: new version of the registered model; champion alias only if it beats the champion."""
+"""Stage register: new version of the registered model; champion alias only if it beats the champion, both
+scored by the evaluate stage on this run's test split."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pipelines._common import run_stage
 def body(p: Params) -> None:
     with tracking.stage_run("register", p.register_.model_dump()):
         metrics = json.loads(Path("reports/eval/metrics.json").read_text())
-        decision = register("models/rl", metrics, p.register_, out="reports/registry.json",
+        champion = json.loads(Path("reports/eval/champion_metrics.json").read_text())
+        decision = register("models/rl", metrics, p.register_, champion=champion, out="reports/registry.json",
                             tags=tracking.lineage_tags())
         tracking.log_stats({"promoted": int(decision["promoted"]), "version": decision["version"]},
                            "registry.json")

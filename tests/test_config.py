@@ -52,8 +52,9 @@ def test_every_params_key_named_in_dvc_yaml_exists():
             node = node[part]
 
 
-# Stages that also read another stage's whole section: the sweep varies the train section.
-READS_WHOLE = {"tune": {"train"}}
+# Stages that also read another stage's keys: the sweep varies the train section; evaluate scores the champion
+# that register's keys name.
+READS_WHOLE = {"tune": {"train"}, "evaluate": {"register.model_name", "register.alias"}}
 # Stages that list their own section whole: rl_finetune's keys depend on its algorithm (scst / ppo / grpo).
 OWN_SECTION_WHOLE = {"rl_finetune"}
 

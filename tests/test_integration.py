@@ -75,7 +75,7 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
     user_params = (ws / "params.yaml").read_bytes()
     assert main(["run", "--workdir", str(ws), "-S", "evaluate.grid_images=2"]) == 0
     versions = client.search_model_versions("name='mmplatform'")
-    assert len(versions) == 1  # evaluate re-ran; its metrics did not change, so register was skipped
+    assert len(versions) == 1  # evaluate re-ran; register found the champion's own files and registered nothing
     # The override reached the stage and dvc.lock, never params.yaml.
     import yaml
 
@@ -124,3 +124,12 @@ def test_retrain_flow_end_to_end(tiny_workspace, monkeypatch):
 
     inputs = {d.dataset.name: d.dataset for d in train_run.inputs.dataset_inputs}
     assert inputs["augmented"].digest == read_manifest(ws / "data/processed/augmented")["content_hash"][:16]
+
+    # New data (another split seed): the gate scores the champion on this run's test split, beside the challenger.
+    assert main(["run", "--workdir", str(ws), "-S", "clean.split_seed=7", "-S", "train.epochs=2"]) == 0
+    decision = json.loads((ws / "reports/registry.json").read_text())
+    champ_scored = json.loads((ws / "reports/eval/champion_metrics.json").read_text())
+    assert decision["version"] == 2 and decision["compared_on"] == "this run's test split"
+    assert champ_scored["champion"] == "models:/mmplatform@champion (v1)" and not champ_scored.get("same_as_challenger")
+    assert decision["champion_metrics"]["t2i_recall@5"] == champ_scored["metrics"]["t2i_recall@5"]
+    assert [h["version"] for h in decision["history"]] == [1, 2]

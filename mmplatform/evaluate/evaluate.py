@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mmplatform.champion import model_digest
 from mmplatform.data.dataset import read_dataset
 from mmplatform.evaluate.captions import CiderD, bleu4
 from mmplatform.evaluate.vqa import vqa_metrics
@@ -165,8 +166,66 @@ def evaluate(xe_dir: str | Path, rl_dir: str | Path, data_dir: str | Path, out_d
     xe = MultimodalModel.load(xe_dir)
     rl = MultimodalModel.load(rl_dir)
     tok = load_tokenizer(Path(rl_dir) / "tokenizer")
+    metrics, samples, curve = score_model(rl, tok, data_dir, xe=xe, split=split, max_length=max_length,
+                                          batch_size=batch_size, rerank_top_k=rerank_top_k, keep_samples=grid_images)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_recall_curve(*curve, out_dir / "recall_curve.csv")
+    if samples:
+        caption_grid(samples, out_dir / "caption_grid.png")
+    (out_dir / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "image"}
+                                                     for s in samples], indent=2))
+    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
+
+
+def evaluate_champion(champion: tuple[Path, str] | None, data_dir: str | Path, out: str | Path, *,
+                      challenger: tuple[str | Path, dict[str, Any]] | None = None, split: str = "test",
+                      max_length: int = 40, batch_size: int = 256, rerank_top_k: int = 0) -> dict[str, Any]:
+    """The current champion scored on the same split with the same code as the challenger, so that the gate
+    compares two models on one exam (the champion's stored figures came from an earlier test split). The
+    registered model is the RL model, so its ``*_xe`` caption figures are absent. ``champion``: (model dir,
+    source) as :func:`mmplatform.champion.champion_model_dir` gives it, None when there is none;
+    ``challenger``: (its model dir, its metrics), so that a champion with the same files is not scored twice.
+    Writes and returns ``{"champion": source or None, "metrics": {...}}``, with ``"error"`` when this code
+    cannot load the champion."""
+    result: dict[str, Any] = {"champion": None, "metrics": {}}
+    if champion is not None:
+        model_dir, source = champion
+        result["champion"] = source
+        if challenger is not None and model_digest(model_dir) == model_digest(challenger[0]):
+            result["metrics"] = {k: v for k, v in challenger[1].items() if "_xe" not in k}
+            result["same_as_challenger"] = True
+            log.info("champion %s has the challenger's files: its figures are the challenger's", source)
+        else:
+            result |= _score_champion(model_dir, source, data_dir, split=split, max_length=max_length,
+                                      batch_size=batch_size, rerank_top_k=rerank_top_k)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+def _score_champion(model_dir: Path, source: str, data_dir: str | Path, **kw: Any) -> dict[str, Any]:
+    try:
+        model = MultimodalModel.load(model_dir)
+        tok = load_tokenizer(Path(model_dir) / "tokenizer")
+    except (TypeError, ValueError, KeyError, RuntimeError, OSError) as exc:
+        error = f"cannot be loaded by this code: {exc.__class__.__name__}: {str(exc)[:300]}"
+        log.warning("champion %s %s", source, error)
+        return {"error": error}
+    metrics = score_model(model, tok, data_dir, **kw)[0]
+    log.info("champion %s on this split: %s", source, {k: round(v, 4) for k, v in metrics.items()
+                                                       if isinstance(v, float)})
+    return {"metrics": metrics}
+
+
+def score_model(rl: MultimodalModel, tok, data_dir: str | Path, *, xe: MultimodalModel | None = None,
+                split: str = "test", max_length: int = 40, batch_size: int = 256, rerank_top_k: int = 0,
+                keep_samples: int = 0) -> tuple[dict[str, Any], list[dict], tuple[torch.Tensor, torch.Tensor]]:
+    """Every metric of ``rl`` (and the ``*_xe`` caption figures of ``xe``) on ``split`` and on the
+    compositional split. Returns (metrics, up to ``keep_samples`` captioned test images, (t2i, i2t) ranks)."""
     metrics: dict[str, Any] = {}
     samples: list[dict] = []
+    curve = (torch.zeros(0), torch.zeros(0))
     for name, suffix in ((split, ""), ("test_compositional", "_compositional")):
         recs = read_dataset(data_dir, split=name)
         if not recs:
@@ -188,20 +247,16 @@ def evaluate(xe_dir: str | Path, rl_dir: str | Path, data_dir: str | Path, out_d
         metrics |= aro_metrics(rl, tok, recs, images, batch=batch_size, suffix=suffix)
         metrics |= vqa_metrics(rl, tok, recs, images=images, batch=batch_size, suffix=suffix)
         refs = [r["captions"] for r in recs]
-        caps_xe = greedy_captions(xe, tok, images, max_length, batch_size)
-        caps_rl = greedy_captions(rl, tok, images, max_length, batch_size)
-        metrics |= caption_scores(caps_xe, refs, "xe", suffix) | caption_scores(caps_rl, refs, "rl", suffix)
+        caps_rl = caps_xe = greedy_captions(rl, tok, images, max_length, batch_size)
+        metrics |= caption_scores(caps_rl, refs, "rl", suffix)
+        if xe is not None:
+            caps_xe = greedy_captions(xe, tok, images, max_length, batch_size)
+            metrics |= caption_scores(caps_xe, refs, "xe", suffix)
         if not suffix:
-            write_recall_curve(t2i, i2t, out_dir / "recall_curve.csv")
+            curve = (t2i, i2t)
             samples = [{"image": recs[i]["image"], "xe": caps_xe[i], "rl": caps_rl[i], "ref": refs[i][0]}
-                       for i in range(min(grid_images, len(recs)))]
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    if samples:
-        caption_grid(samples, out_dir / "caption_grid.png")
-    (out_dir / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "image"}
-                                                     for s in samples], indent=2))
-    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-    return metrics
+                       for i in range(min(keep_samples, len(recs)))]
+    return metrics, samples, curve
 
 
 def write_recall_curve(t2i: torch.Tensor, i2t: torch.Tensor, path: Path) -> None:
