@@ -6,15 +6,19 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from mmplatform.config import RUN_PARAMS, ConfigError, Params, load_params
 
 
 def run_stage(stage: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m pipelines.{stage}")
-    # The params stage's output: params.yaml with the run's -S overrides (``dvc repro`` makes it first).
-    ap.add_argument("--params", default=RUN_PARAMS)
+    # The params stage's output: params.yaml with the run's -S overrides (``dvc repro`` makes it first); a stage
+    # run by hand before any params stage has no overrides to miss, and reads params.yaml.
+    ap.add_argument("--params", default=None)
     args = ap.parse_args(argv)
+    if args.params is None:
+        args.params = RUN_PARAMS if Path(RUN_PARAMS).is_file() else "params.yaml"
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
