@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.exceptions import TyperException
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmplatform: image-text data → model")
-data_app = typer.Typer(no_args_is_help=True, help="dataset commands")
+# -h as well as --help; help text printed as written (rich markup would eat "[dark,blurry]").
+_CTX = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmplatform: image-text data → model",
+                  context_settings=_CTX, rich_markup_mode=None)
+data_app = typer.Typer(no_args_is_help=True, help="dataset commands", context_settings=_CTX, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
-annotate_app = typer.Typer(no_args_is_help=True, help="annotation round trip with Label Studio")
+annotate_app = typer.Typer(no_args_is_help=True, help="annotation round trip with Label Studio", context_settings=_CTX,
+                           rich_markup_mode=None)
 app.add_typer(annotate_app, name="annotate")
-study_app = typer.Typer(no_args_is_help=True, help="studies over trained models")
+study_app = typer.Typer(no_args_is_help=True, help="studies over trained models", context_settings=_CTX,
+                        rich_markup_mode=None)
 app.add_typer(study_app, name="study")
 FORMATS = "coco | jsonl | csv | webdataset | imagefolder | labelstudio | synthetic"
 
@@ -150,6 +156,14 @@ def tune_cmd(set_: SetOpt = None, workdir: Annotated[Path, typer.Option(help="DV
 def serve(cron: Annotated[str, typer.Option(help="cron schedule")] = "0 3 * * 0",
           workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")) -> None:
     """Serve the retrain flow as a Prefect deployment on a cron schedule (needs a Prefect API)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)  # Prefect's own check, before anything is registered
+    except ValidationError as exc:
+        _fail(f"--cron {cron!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')} (five fields: minute "
+              "hour day-of-month month day-of-week)")
     wd = workdir.resolve()
     _prefect_env(wd)
     from flows.retrain import retrain
@@ -166,15 +180,17 @@ def data_ingest(fmt: Annotated[str, typer.Option("--format", help=FORMATS)],
                 images: Annotated[Path | None, typer.Option(help="image root")] = None,
                 force: ForceOpt = False) -> None:
     """Ingest a source into a canonical dataset; bad records go to OUT/quarantine with a reason."""
-    from mmplatform.config import ConfigError, IngestParams
+    from pydantic import ValidationError
+
+    from mmplatform.config import ConfigError, IngestParams, one_line
     from mmplatform.data import stages
 
     _logging()
     try:
         src = {"format": fmt, "path": str(path) if path else None, "images": str(images) if images else None}
         p = IngestParams.model_validate({"sources": [src]})
-    except Exception as exc:  # pydantic error → one line
-        _fail(f"--format {fmt}: {str(exc).splitlines()[-1].strip()}")
+    except ValidationError as exc:
+        _fail(f"--format {fmt}: {one_line(exc, 'source').split(': ', 2)[-1]}")
     if fmt != "synthetic" and path is None:
         _fail(f"--format {fmt}: needs --path")
     if path is not None and "{" not in str(path) and not path.exists():
@@ -444,21 +460,38 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mmp {version('mmplatform')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """mmplatform: image-text data → model."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Without standalone mode click returns the code of typer.Exit instead of raising it.
         rc = app(args=argv, prog_name="mmp", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
-    except SystemExit as exc:  # click usage errors
+    except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # click.UsageError and friends: one line, not a traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
-            typer.echo(f"error: {exc.format_message()}", err=True)
+    except typer.Abort:  # Ctrl-C at a prompt
+        return 130
+    except TyperException as exc:  # typer's own click: usage errors and bad values, one line, exit 2
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `mmp` or `mmp data` alone: the help is the answer
+            typer.echo(exc.format_message(), err=True)
             return 2
-        raise
+        ctx = getattr(exc, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None and ctx.command_path != "mmp" else ""
+        typer.echo(f"error: {where}{' '.join(exc.format_message().split())}", err=True)
+        return 2
     return rc if isinstance(rc, int) else 0
 
 

@@ -412,7 +412,8 @@ class Params(_Section):
         return self
 
 
-def _one_line(err: ValidationError, where: str) -> str:
+def one_line(err: ValidationError, where: str) -> str:
+    """A pydantic error as one line: ``where: key: reason``."""
     e = err.errors()[0]
     loc = list(e["loc"])
     algo = ""
@@ -507,7 +508,7 @@ def validate(raw: dict[str, Any], where: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_one_line(err, where)) from None
+        raise ConfigError(one_line(err, where)) from None
 
 
 def read_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
