@@ -77,6 +77,13 @@ def _run_flow(which: str, workdir: Path, overrides: list[str], wait: bool = Fals
                     (data_flow if which == "data" else train_flow)(str(workdir))
     except (StageFailed, WorkspaceBusy) as exc:
         _fail(str(exc))
+    except RuntimeError as exc:
+        if "ephemeral Prefect API" not in str(exc):
+            raise
+        waited = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+        _fail(f"Prefect's local API did not start within {waited} s (a busy machine?): run again, raise "
+              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a "
+              "server (`prefect server start`) and set PREFECT_API_URL")
     except (KeyboardInterrupt, ExternalSignal):
         typer.echo("error: stopped by a signal: the running stage was stopped with its processes; the next mmp run "
                    "runs it and the stages after it again", err=True)

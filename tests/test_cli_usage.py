@@ -43,3 +43,19 @@ def test_version_and_short_help(capsys):
     assert "Usage: mmp" in capsys.readouterr().out
     assert main(["data", "clean", "-h"]) == 0
     assert "-S drop_issues=[dark,blurry]" in capsys.readouterr().out  # printed as written, not as markup
+
+
+@pytest.mark.slow
+def test_a_local_api_that_does_not_start_in_time_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    env = dict(os.environ, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0", PREFECT_HOME=str(tmp_path / ".p"))
+    code = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "run", "--workdir", str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert "error: Prefect's local API did not start within 0 s" in r.stderr
