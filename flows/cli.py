@@ -216,6 +216,10 @@ def data_clean(inp: Annotated[Path, typer.Argument(help="input dataset")],
                    "-S", "--set", help="clean param, e.g. -S drop_issues=[dark,blurry] -S engine=local")] = None,
                params: Annotated[Path | None, typer.Option(help="take the clean section of this params.yaml")] = None,
                report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
+               align_with: Annotated[str | None, typer.Option(
+                   help="models:/NAME@ALIAS: score captions against their images with this model and drop the "
+                        "worst (clean.alignment); off unless given, since a model that never saw this data "
+                        "cannot judge it")] = None,
                force: ForceOpt = False) -> None:
     """Clean a dataset: kept → OUT, dropped → OUT/quarantine (with reason); OUT/report.html."""
     from mmplatform.config import ConfigError, load_params, validate
@@ -230,8 +234,16 @@ def data_clean(inp: Annotated[Path, typer.Argument(help="input dataset")],
         _fail(str(exc))
     if not (inp / "manifest.json").is_file():
         _fail(f"{inp}: not a dataset (no manifest.json)")
+    if align_with is not None:
+        name, _, alias = align_with.removeprefix("models:/").partition("@")
+        if not align_with.startswith("models:/") or not name or not alias:
+            _fail(f"--align-with {align_with!r}: expected models:/NAME@ALIAS")
+        p = p.model_copy(update={"alignment": p.alignment.model_copy(update={"model_name": name, "alias": alias})})
+    else:
+        logging.getLogger("mmp").info("clean: alignment filter off (give --align-with models:/NAME@ALIAS to use one)")
+        p = p.model_copy(update={"alignment": p.alignment.model_copy(update={"mode": "off"})})
     try:
-        stats = stages.clean(inp, out, p, force=force)
+        stats = stages.clean(inp, out, p, same_domain_only=False, force=force)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(stats, default=str))

@@ -53,6 +53,17 @@ def champion_model_dir(model_name: str = "mmplatform", alias: str = "champion") 
     return found[0].parent, champion_source(model_name, alias, version.version)
 
 
+def champion_tags(model_name: str = "mmplatform", alias: str = "champion") -> dict[str, str]:
+    """The champion version's tags (lineage, decision, the data domains it was trained on); {} without one."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return dict(MlflowClient().get_model_version_by_alias(model_name, alias).tags)
+    except mlflow.exceptions.MlflowException:
+        return {}
+
+
 def load_model(model_dir: str | Path):
     """(model in eval mode, tokenizer); raises ValueError for a model saved by incompatible code."""
     from mmplatform.models.multimodal import MultimodalModel

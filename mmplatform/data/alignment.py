@@ -16,6 +16,7 @@ threshold on it (default 0.9) means the same thing for every model.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +111,22 @@ def keep_mask(scores: list[list[float]], *, mode: str, min_score: float, keep_fr
     raise ValueError(f"alignment mode {mode!r}: expected 'off', 'threshold' or 'top_fraction'")
 
 
-def load_champion_scorer(model_name: str, alias: str) -> AlignmentScorer | None:
-    """The registered champion as a scorer, or None when the registry has none (first run)."""
-    from mmplatform.champion import champion_model_dir
+def load_champion_scorer(model_name: str, alias: str, domains: set[str] | None = None) -> AlignmentScorer | None:
+    """The registered champion as a scorer, or None when the registry has none (first run). With ``domains``
+    (the :func:`~mmplatform.data.dataset.source_domain` set of the data to clean), only a champion trained on
+    all of them: a model that never saw a domain cannot judge its captions (it would drop correct ones)."""
+    from mmplatform.champion import champion_model_dir, champion_tags
 
     found = champion_model_dir(model_name, alias)
     if found is None:
         return None
+    if domains is not None:
+        trained_on = set(json.loads(champion_tags(model_name, alias).get("data_domains", "[]")))
+        unseen = sorted(domains - trained_on)
+        if unseen:
+            log.info("alignment: filter off: champion %s was not trained on %s (trained on %s)", found[1],
+                     ", ".join(unseen[:3]) + (" ..." if len(unseen) > 3 else ""), sorted(trained_on) or "unknown data")
+            return None
     try:
         return AlignmentScorer.from_dir(found[0], source=found[1])
     except (ValueError, OSError) as exc:

@@ -276,3 +276,17 @@ def read_dataset(path: str | Path, columns: list[str] | None = None,
 def read_quarantine(path: str | Path) -> list[dict[str, Any]]:
     q = Path(path) / "quarantine"
     return list(iter_dataset(q)) if (q / "manifest.json").exists() else []
+
+
+def source_domain(source: str) -> str:
+    """Where a record came from, without the item: ``coco:/data/captions.json:123`` → ``coco:/data/captions.json``;
+    the synthetic generator is one domain whatever its seed (``synthetic:seed=0`` → ``synthetic``)."""
+    kind, _, rest = source.partition(":")
+    if kind == "synthetic" or ":" not in rest:
+        return kind
+    return f"{kind}:{rest.rsplit(':', 1)[0]}"
+
+
+def source_domains(path: str | Path) -> set[str]:
+    """The :func:`source_domain` of every record of the dataset at ``path``."""
+    return {source_domain(r["source"] or "") for r in iter_dataset(path, columns=["source"])}

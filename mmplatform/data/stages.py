@@ -14,7 +14,7 @@ from typing import Any
 from mmplatform.config import AugmentParams, CleanParams, IngestParams
 from mmplatform.data.augment import augment_records
 from mmplatform.data.clean import clean_dataset
-from mmplatform.data.dataset import check_output_dir, read_dataset, write_dataset
+from mmplatform.data.dataset import check_output_dir, read_dataset, source_domains, write_dataset
 from mmplatform.data.ingest import ingest_source
 from mmplatform.data.synthetic import generate_synthetic
 
@@ -93,15 +93,17 @@ def annotate(inp: str | Path, out: str | Path, annotations_dir: str | Path, *,
 
 
 def clean(inp: str | Path, out: str | Path, p: CleanParams, *, use_champion: bool = True,
-          force: bool = False) -> dict[str, Any]:
-    """Clean ``inp`` into ``out``; the alignment filter scores with the registered champion when there is
-    one (``use_champion``), and the data report is written to ``out/report.html`` (``p.report``)."""
+          same_domain_only: bool = True, force: bool = False) -> dict[str, Any]:
+    """Clean ``inp`` into ``out``; the alignment filter scores with the registered champion (``use_champion``)
+    when there is one and, with ``same_domain_only``, only when it was trained on every source domain of
+    ``inp``; the data report is written to ``out/report.html`` (``p.report``)."""
     check_output_dir(out, force=force)
     scorer = None
     if use_champion and p.alignment.mode != "off":
         from mmplatform.data.alignment import load_champion_scorer
 
-        scorer = load_champion_scorer(p.alignment.model_name, p.alignment.alias)
+        scorer = load_champion_scorer(p.alignment.model_name, p.alignment.alias,
+                                      source_domains(inp) if same_domain_only else None)
     stats = clean_dataset(inp, out, p, scorer=scorer, force=force)
     if p.report:
         stats["report"] = write_report(out, Path(out) / "report.html")
