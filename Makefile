@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint ui clean-workspace venv bench bench-peers
+.PHONY: run demo test test-fast lint ui clean-workspace venv bench bench-peers
 
 # (Re)create the environment only when the lock or the project metadata changed.
 # --no-deps: the lock is the whole, exact dependency set (torch 2.13.0 CPU wheel included), so nothing
@@ -24,6 +24,10 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/mmp run
+
+# The whole flow on the demo profile (params/demo.yaml) in its own workspace, demo/: a few minutes.
+demo: $(STAMP)
+	$(VENV)/bin/mmp demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -m "not gpu" --durations=15

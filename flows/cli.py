@@ -111,7 +111,10 @@ def _report(summary: dict) -> None:
     reg = summary.get("registry") or {}
     if reg:
         console.print(f"registry: {reg.get('model_name')} v{reg.get('version')}: {reg.get('reason')}")
-    console.print(f"MLflow parent run: {summary.get('mlflow_parent_run_id')} (open it with `make ui`)")
+    wd = os.environ.get("MMP_WORKSPACE", ".")
+    where = "make ui" if Path(wd).resolve() == Path.cwd() else f"mmp ui --workdir {wd}"
+    console.print(f"MLflow parent run: {summary.get('mlflow_parent_run_id')} (open it with `{where}`, experiment "
+                  "mmplatform)")
 
 
 @app.command()
@@ -336,9 +339,27 @@ def annotate_import(file: Annotated[Path, typer.Argument(help="Label Studio JSON
 
 
 @app.command()
-def ui(port: int = 5000) -> None:
+def demo(workdir: Annotated[Path, typer.Option(help="the demo's own workspace (created if missing)")] = Path("demo"),
+         wait: WaitOpt = False) -> None:
+    """The whole retraining flow on the demo profile (params/demo.yaml: small data, small model, a few minutes)
+    in a workspace of its own: your params, data and registry are not touched."""
+    from flows.workspace import demo_profile, make_workspace
+
+    wd = workdir.resolve()
+    try:
+        make_workspace(wd, demo_profile())
+    except ValueError as exc:
+        _fail(str(exc))
+    _run_flow("retrain", wd, [], wait)
+
+
+@app.command()
+def ui(port: int = 5000, workdir: Annotated[Path, typer.Option(help="workspace whose store to show")] = Path(".")
+       ) -> None:
     """Open the MLflow UI on the embedded store (sqlite:///mlflow.db, artifacts in mlartifacts/)."""
     from mmplatform import tracking
+
+    os.environ.setdefault("MMP_WORKSPACE", str(workdir.resolve()))
 
     uri = tracking.tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",

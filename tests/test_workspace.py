@@ -161,3 +161,21 @@ def test_the_params_stage_merges_overrides_and_writes_the_same_bytes_for_the_sam
     (wd / OVERRIDES_FILE).write_text(overrides_text(["train.no_such_key=1"]))
     with pytest.raises(ConfigError, match="train.no_such_key: unknown key"):
         write_run_params(wd / "params.yaml", wd / OVERRIDES_FILE, wd / RUN_PARAMS)
+
+
+def test_a_workspace_is_made_only_where_it_destroys_nothing_and_refreshing_changes_no_byte(tmp_path):
+    from flows.workspace import demo_profile, make_workspace
+
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and not an mmp workspace"):
+        make_workspace(mine, demo_profile())
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    ws = make_workspace(tmp_path / "demo", demo_profile())
+    assert load_params(ws / "params.yaml").train.epochs == demo_profile()["train"]["epochs"]
+    before = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
+    make_workspace(ws, demo_profile())  # a second `mmp demo`: nothing rewritten, so DVC skips every stage
+    assert {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file() and p.name != "workspace"} == \
+        {p: t for p, t in before.items() if p.name != "workspace"}
