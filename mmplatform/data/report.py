@@ -577,7 +577,7 @@ def _metric_key(*parts: str) -> str:
     return "_".join(_METRIC_SAFE.sub("_", p).strip("_") or "none" for p in parts)
 
 
-def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
+def summary_metrics(report: dict[str, Any]) -> dict[str, int | float]:
     """Flat numeric figures for MLflow (names are ``[\\w.-]`` only, prefixed ``data_``); undefined ratios
     are left out. Every known image issue is present (0 when absent) so that runs are comparable."""
     c, d, k = report["counts"], report["diversity"], report["concepts"]
@@ -608,7 +608,9 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
         out[_metric_key("data", kind, "groups")] = v["groups"]
     for code, n in report["caption_repairs"]["codes"].items():
         out[_metric_key("data_caption_repairs", code)] = n
-    return {key: float(v) for key, v in out.items() if v is not None}
+    # Counts stay integers ("data_records": 544, not 544.0); ratios and means are floats.
+    return {key: v if isinstance(v, int) and not isinstance(v, bool) else float(v)
+            for key, v in out.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- figures

@@ -43,7 +43,7 @@ def ingest(p: IngestParams, out: str | Path, *, force: bool = False) -> dict[str
     manifest = write_dataset(out, kept, stage="ingest", params=p.model_dump(), quarantine=quarantined,
                              force=force)
     stats = {"read": len(kept) + len(quarantined), "kept": len(kept), "quarantined": len(quarantined)}
-    log.info("ingest: %s, splits %s", stats, manifest["splits"])
+    log.info("ingest: %s, splits %s", stats, {s or "(unsplit)": n for s, n in manifest["splits"].items()})
     return stats
 
 
