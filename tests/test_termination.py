@@ -86,6 +86,12 @@ def test_a_stopped_run_exits_within_30_s_and_never_touches_params_yaml(tmp_path,
         assert "stopped by a signal" in out
         assert not [p for p in sleepers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert read_overrides(ws / OVERRIDES_FILE) == []
+        # The next run runs the stopped stage and those after it, not the one that had finished.
+        (ws / "sleeper.py").write_text("pass\n")
+        again = subprocess.run([sys.executable, "-c", code, "run", "--workdir", str(ws), "-S", "train.epochs=1"],
+                               env=env, capture_output=True, text=True, timeout=240)
+        ran = [s for s in stages if f"Running stage '{s}'" in again.stdout + again.stderr]
+        assert again.returncode == 0 and ran == list(stages)[1:], (ran, again.stderr[-2000:])
     else:  # a killed run leaves its overrides; the next run empties them before it starts
         assert read_overrides(ws / OVERRIDES_FILE) == ["train.epochs=1"]
         from flows.retrain import workspace_lock
