@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,29 +53,57 @@ def stage_env(workdir: Path, parent_run_id: str | None) -> dict[str, str]:
     return env
 
 
+# Lines of a stage's output that say nothing to the person watching: DVC's hints and skips, Ray Train's echo of
+# every reported result, library start-up chatter. They go to the stage's log file only (.mmp/logs/<stage>.log).
+NOISE = re.compile("|".join([
+    r"^\s*$", r"^Stage '.*' didn't change, skipping$", r"^Updating lock file", r"^Use `dvc push`",
+    r"^To track the changes with git", r"^\s*git add ", r"^To enable auto staging", r"^\s*dvc config core\.autostage",
+    r"Reporting training result \d+: TrainingReport\(", r"^Token authentication is enabled for this Ray cluster",
+    r"mlflow\.system_metrics\.system_metrics_monitor", r"UserWarning: ", r"^\s+(color_warning|return _dataset_source)",
+    r"Moving model to device", r"Requesting resources: ", r"Attempting to start training worker group",
+    r"Started training worker group", r"world_rank=\d+, local_rank=\d+", r"^Generating lock file",
+    r"Downloading artifacts: ", r"core_worker\.cc:\d+", r"train_fn_utils\.py:\d+ -- Reported metrics",
+    r"-- Running in local mode",
+]))
+LOG_DIR = ".mmp/logs"
+
+
+def is_noise(line: str) -> bool:
+    return bool(NOISE.search(re.sub(r"\x1b\[[0-9;]*m", "", line)))
+
+
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
 def dvc_stage(stage: str, workdir: str, env: dict[str, str]) -> dict[str, Any]:
-    """Run one DVC stage; its output streams into the Prefect log. A failed try is retried once (a
-    training stage resumes from its last checkpoint)."""
+    """Run one DVC stage; its output streams into the Prefect log, less :data:`NOISE`, and whole into
+    ``.mmp/logs/<stage>.log``. A failed try is retried once (a training stage resumes from its last checkpoint)."""
     logger = get_run_logger()
+    log_path = Path(workdir) / LOG_DIR / f"{stage}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     # Its own session: a Ctrl-C in the terminal reaches mmp, which then stops the stage's whole tree itself.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     tail: deque[str] = deque(maxlen=20)
     ran = False
+    started = time.monotonic()
     assert proc.stdout is not None
     try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            ran = ran or line.startswith(f"Running stage '{stage}'")
-            logger.info("%s", line)
+        with open(log_path, "w") as full:
+            for line in proc.stdout:
+                full.write(line)
+                line = line.rstrip()
+                tail.append(line)
+                ran = ran or line.startswith(f"Running stage '{stage}'")
+                if not is_noise(line):
+                    logger.info("%s", line)
     except BaseException:  # SIGTERM/SIGINT (Prefect's TerminationSignal, KeyboardInterrupt): stop the stage first
         stop_tree(proc.pid)
         raise
     if proc.wait() != 0:
         errors = [ln for ln in tail if ln.startswith(("error:", "ERROR"))]
-        raise StageFailed(f"stage {stage} failed: {(errors or list(tail) or ['no output'])[-1]}")
+        raise StageFailed(f"stage {stage} failed: {(errors or list(tail) or ['no output'])[-1]} (whole log: "
+                          f"{log_path})")
+    logger.info("%s: %s in %.0f s (whole log: %s)", stage, "ran" if ran else "unchanged, skipped",
+                time.monotonic() - started, log_path)
     return {"stage": stage, "ran": ran}
 
 
