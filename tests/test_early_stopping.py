@@ -100,3 +100,17 @@ def test_training_stops_at_the_plateau_and_keeps_the_best_epoch(tmp_path):
         out = multitask_loss(model, decode_images(val, model.cfg.image_size), ids, mask,
                              TrainParams.model_validate(TINY).loss_weights, torch.Generator().manual_seed(0))
     assert float(out["contrastive"]) == pytest.approx(values[best], abs=1e-5)
+
+
+def test_the_epoch_line_says_where_the_run_is_how_fast_and_when_it_ends():
+    from mmplatform.train.recipe import progress_line
+
+    p = TrainParams.model_validate(TINY | {"epochs": 60, "early_stopping_metric": "val_total"})
+    history = [{"epoch": 0, "seconds": 100.0, "train_total": 3.5, "val_total": 3.0},
+               {"epoch": 1, "seconds": 90.0, "train_total": 3.0, "val_total": 3.2}]
+    line = progress_line(history, p, 9500, {"epoch": 0, "value": 3.0})
+    # 58 epochs left at the mean 95 s: 5,510 s = 1 h 31 min; the epoch was not the best one.
+    assert line == ("epoch 2/60: 90 s, 106 samples/s, ETA 1 h 31 min; train_total 3.0000, val_total 3.2000, "
+                    "best 3.0000 at epoch 1")
+    first = progress_line(history[:1], p, 9500, {"epoch": -1, "value": float("inf")})
+    assert first.startswith("epoch 1/60: 100 s, 95 samples/s, ETA 1 h 38 min;") and "best" not in first

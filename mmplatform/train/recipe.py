@@ -436,7 +436,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": epoch, "seconds": time.time() - t0, **epoch_means(step_log, epoch),
                **validate(model, val, p, rank, world, device, autocast)}
         history.append(row)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        log.info("%s", progress_line(history, p, steps_per_epoch * global_batch, best))
         if row[p.early_stopping_metric] < best["value"]:
             # every rank sees the same all-reduced val losses, so all agree on the best epoch and on stopping
             best = {"epoch": epoch, "value": row[p.early_stopping_metric],
@@ -458,6 +458,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         model.save(config["out_dir"])
         tokenizer.save_pretrained(str(Path(config["out_dir"]) / "tokenizer"))
+
+
+def progress_line(history: list[dict], p: TrainParams, samples_per_epoch: int, best: dict[str, Any]) -> str:
+    """One line per epoch for the person watching: where the run is, how fast, when it ends, how it is doing
+    (every figure of the epoch goes to MLflow and history.csv)."""
+    row, metric = history[-1], p.early_stopping_metric
+    seconds = [h["seconds"] for h in history]
+    left = (p.epochs - row["epoch"] - 1) * sum(seconds) / len(seconds)
+    h, m, sec = int(left // 3600), int(left % 3600 // 60), int(left % 60)
+    eta = f"{h} h {m:02d} min" if h else f"{m} min {sec:02d} s"
+    best_note = "" if best["value"] == float("inf") or row[metric] < best["value"] else \
+        f", best {best['value']:.4f} at epoch {best['epoch'] + 1}"
+    return (f"epoch {row['epoch'] + 1}/{p.epochs}: {row['seconds']:.0f} s, {samples_per_epoch / row['seconds']:.0f} "
+            f"samples/s, ETA {eta}; train_total {row.get('train_total', float('nan')):.4f}, {metric} "
+            f"{row[metric]:.4f}{best_note}")
 
 
 def plateau_reached(history: list[dict], best: dict[str, Any], p: TrainParams) -> bool:
