@@ -356,6 +356,7 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
     tracking.log_metrics(run_id, {"rl/heldout_reward": start}, 0)
     window: list[dict[str, float]] = []
     rates: list[float] = []
+    started = time.time()
     # ---------------------------------------------------------------- train
     for step in range(1, cfg.steps + 1):
         t0 = time.time()
@@ -385,7 +386,10 @@ def worker_loop(config: dict[str, Any], cfg_cls, make_updater: Callable[..., Upd
             window = []
             if h["total"] > best["reward"]:
                 best = {"step": step, "reward": h["total"], "state": copy.deepcopy(model.state_dict())}
-            log.info("step %d: %s", step, {k2: round(v, 4) for k2, v in row.items()})
+            left = (cfg.steps - step) * (time.time() - started) / step
+            log.info("step %d/%d: reward %.4f, held-out reward %.4f (start %.4f, best %.4f at step %d), KL %.4f, "
+                     "%.1f episodes/s, ETA %d min %02d s", step, cfg.steps, row["rl/reward_mean"], h["total"], start,
+                     best["reward"], best["step"], kl, row["rl/episodes_per_s"], left // 60, left % 60)
         tracking.log_metrics(run_id, row, step)
     model.load_state_dict(best["state"])
     for row in history:
