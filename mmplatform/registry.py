@@ -126,6 +126,11 @@ def gate(metrics: dict[str, Any], p: RegisterParams, champion_version: int | Non
               if m in theirs and m in metrics and float(metrics[m]) < theirs[m] - drop]
     if broken:
         reason += "; guardrail broken: " + ", ".join(broken)
+    # A guarded metric this data does not measure (no VQA questions in a captions-only dataset) guards nothing;
+    # the reason says so rather than the run failing on it.
+    unmeasured = sorted(m for m in p.guardrails if m not in metrics or m not in theirs)
+    if unmeasured:
+        reason += "; not measured on both, so not guarded: " + ", ".join(unmeasured)
     return beats and not broken, reason, theirs
 
 
@@ -180,10 +185,8 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
     Every decision goes to the version's tags, the registered model's history, a model card and ``out``."""
     from mlflow.tracking import MlflowClient
 
-    missing = [m for m in (p.primary_metric, *p.guardrails) if m not in metrics]
-    if missing:
-        raise ValueError(f"register: {', '.join(missing)} not in the evaluation metrics (primary_metric, "
-                         "guardrails)")
+    if p.primary_metric not in metrics:
+        raise ValueError(f"register.primary_metric: {p.primary_metric!r} is not in the evaluation metrics")
     value = float(metrics[p.primary_metric])
     tags = dict(tags or {})
     client = MlflowClient()
@@ -233,7 +236,8 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
     decision = {"model_name": p.model_name, "version": int(version.version), "alias": p.alias,
                 "promoted": promote, "reason": reason, "primary_metric": p.primary_metric, "value": value,
                 "guardrails": dict(p.guardrails), "metrics": {m: float(metrics[m]) for m in (p.primary_metric,
-                                                                                            *p.guardrails)},
+                                                                                            *p.guardrails)
+                                                                              if m in metrics},
                 "champion_before": champ_version, "champion_value_before": theirs.get(p.primary_metric),
                 "champion_metrics": theirs, "compared_on": "this run's test split" if scored else
                 ("stored figure" if champ else "no champion"),

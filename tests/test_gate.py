@@ -91,3 +91,11 @@ def test_register_keeps_both_sets_of_numbers_and_the_history(tmp_path, monkeypat
     assert v2.tags["decision"] == "challenger" and v2.tags["champion_before.cider_d_rl"] == "0.500000"
     card = mlflow.artifacts.load_text(v2.tags["model_card"])
     assert "Registered, not promoted" in card and "| cider_d_rl | 0.3000 | 0.5000 |" in card and "data/x" in card
+
+
+def test_a_guarded_metric_the_data_does_not_measure_is_named_not_fatal():
+    # Captions-only data has no VQA questions, so no vqa_accuracy on either side.
+    p = RegisterParams(primary_metric="t2i_recall@5", guardrails={"vqa_accuracy": 0.02, "cider_d_rl": 0.05})
+    promote, reason, _ = gate(_m(0.40), p, 1, _m(0.30), 0.30)
+    assert promote and "not measured on both, so not guarded: vqa_accuracy" in reason
+    assert gate(_m(0.40), p, None, None, None)[0]  # and a first version registers without it
