@@ -12,7 +12,7 @@ Modes: *cold* is the like-for-like case (a fresh scorer per call, document frequ
 references, nothing cached: the same work pycocoevalcap does); *warm* reuses one scorer whose
 reference sets are cached; *fixed df* is the RL reward's setting (df from a corpus, here the
 references themselves, so the numbers equal pycocoevalcap's), warm.  The last line checks the
-acceptance of issue 5: cold >= 20x and every score within 1e-6.
+target: cold >= 20x and every score within 1e-6.
 """
 
 from __future__ import annotations

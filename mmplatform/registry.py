@@ -191,11 +191,11 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
     tags = dict(tags or {})
     client = MlflowClient()
     digest = model_digest(model_dir)
-    current = _champion(client, p.model_name, p.alias)
-    if current is not None and current.tags.get("model_digest") == digest:
+    champ = _champion(client, p.model_name, p.alias)
+    if champ is not None and champ.tags.get("model_digest") == digest:
         # A re-run that changed no weight (e.g. only an evaluation setting): nothing new to register or judge.
-        decision = {"model_name": p.model_name, "version": int(current.version), "alias": p.alias,
-                    "promoted": False, "reason": f"the model's files are champion v{current.version}'s: nothing "
+        decision = {"model_name": p.model_name, "version": int(champ.version), "alias": p.alias,
+                    "promoted": False, "reason": f"the model's files are champion v{champ.version}'s: nothing "
                     "registered", "primary_metric": p.primary_metric, "value": value, "unchanged": True}
         _write(out, decision)
         log.info("register: %s", decision["reason"])
@@ -207,7 +207,6 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
         pip_requirements=pinned_requirements(),
     )
     version = mlflow.register_model(info.model_uri, p.model_name)
-    champ = _champion(client, p.model_name, p.alias)
     champ_version = int(champ.version) if champ else None
     scored = None
     if champ is not None and champion and champion.get("champion") == champion_source(p.model_name, p.alias,
@@ -231,8 +230,8 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
              "from": champ_version, "to": int(version.version) if promote else champ_version,
              "promoted": promote, "reason": reason, "flow_run": tags.get("prefect_flow_run_id", "none"),
              "run_id": run_id}
-    n = len(history(client, p.model_name)) + 1
-    client.set_registered_model_tag(p.model_name, f"{HISTORY_PREFIX}{n:04d}", json.dumps(entry))
+    past = history(client, p.model_name)
+    client.set_registered_model_tag(p.model_name, f"{HISTORY_PREFIX}{len(past) + 1:04d}", json.dumps(entry))
     decision = {"model_name": p.model_name, "version": int(version.version), "alias": p.alias,
                 "promoted": promote, "reason": reason, "primary_metric": p.primary_metric, "value": value,
                 "guardrails": dict(p.guardrails), "metrics": {m: float(metrics[m]) for m in (p.primary_metric,
@@ -241,7 +240,7 @@ def register(model_dir: str | Path, metrics: dict[str, Any], p: RegisterParams, 
                 "champion_before": champ_version, "champion_value_before": theirs.get(p.primary_metric),
                 "champion_metrics": theirs, "compared_on": "this run's test split" if scored else
                 ("stored figure" if champ else "no champion"),
-                "run_id": run_id, "model_uri": info.model_uri, "history": history(client, p.model_name)}
+                "run_id": run_id, "model_uri": info.model_uri, "history": [*past, entry]}
     mlflow.log_text(model_card(p.model_name, int(version.version), decision, metrics, tags), "model_card.md")
     _write(out, decision)
     log.info("register: %s", reason)

@@ -41,6 +41,26 @@ def _in_child(fn) -> int:
     return pid
 
 
+def _hold_lock_in_child(wd, seconds: float, detail: str | None = None) -> int:
+    """A forked child takes the workspace lock (naming ``detail`` as its flow run) and keeps it ``seconds``;
+    returns its pid once it holds the lock."""
+    ready = wd / "ready"
+
+    def hold():
+        with rt.workspace_lock(wd):
+            if detail:
+                rt.name_lock_holder(wd, detail)
+            ready.touch()
+            time.sleep(seconds)
+
+    pid = _in_child(hold)
+    for _ in range(200):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    return pid
+
+
 @pytest.fixture
 def _keep_environ():
     saved = dict(os.environ)  # `mmp run` sets Prefect's variables for its workspace
@@ -51,19 +71,8 @@ def _keep_environ():
 
 def test_a_second_run_in_the_same_workspace_fails_at_once_with_one_line(tmp_path, capsys, _keep_environ):
     wd = _workspace(tmp_path)
-    ready = wd / "ready"
-
-    def hold():
-        with rt.workspace_lock(wd):
-            ready.touch()
-            time.sleep(30)
-
-    pid = _in_child(hold)
+    pid = _hold_lock_in_child(wd, seconds=30)
     try:
-        for _ in range(200):
-            if ready.exists():
-                break
-            time.sleep(0.05)
         with pytest.raises(rt.WorkspaceBusy, match=f"pid {pid}"):
             with rt.workspace_lock(wd):
                 pass
@@ -81,20 +90,8 @@ def test_a_second_run_in_the_same_workspace_fails_at_once_with_one_line(tmp_path
 
 def test_the_refusal_names_the_flow_run_and_wait_queues_behind_the_holder(tmp_path):
     wd = _workspace(tmp_path)
-    ready = wd / "ready"
-
-    def hold():
-        with rt.workspace_lock(wd):
-            rt.name_lock_holder(wd, "Prefect flow run 1234-abcd")
-            ready.touch()
-            time.sleep(2)
-
-    pid = _in_child(hold)
+    pid = _hold_lock_in_child(wd, seconds=2, detail="Prefect flow run 1234-abcd")
     try:
-        for _ in range(200):
-            if ready.exists():
-                break
-            time.sleep(0.05)
         with pytest.raises(rt.WorkspaceBusy, match=f"pid {pid}, started .*, Prefect flow run 1234-abcd"):
             with rt.workspace_lock(wd):
                 pass
